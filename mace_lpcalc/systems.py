@@ -1,0 +1,86 @@
+"""Structures used throughout: periodic water boxes, diamond supercells, carbon clusters.
+
+All builders return :class:`ase.Atoms` with positions in Å; every one is deterministic
+for a given ``seed``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from ase import Atoms
+from ase.build import bulk
+from ase.units import _amu
+from scipy.spatial.transform import Rotation
+
+#: TIP3P-like geometry of one water molecule (O at the origin), Å.
+_WATER = np.array([[0.0, 0.0, 0.0], [0.9572, 0.0, 0.0],
+                   [0.9572 * np.cos(np.radians(104.52)), 0.9572 * np.sin(np.radians(104.52)), 0.0]])
+_WATER_MASS_G = 18.01528
+_MIN_INTERMOLECULAR_A = 1.7
+
+
+def water_box(n_molecules: int, density_g_cm3: float = 1.0, seed: int = 0) -> Atoms:
+    """A cubic periodic box of ``n_molecules`` rigid-geometry waters at the given density.
+
+    Molecules sit on a simple-cubic lattice (the first ``n_molecules`` sites) with
+    random orientations, re-drawn until no atom of one molecule is closer than 1.7 Å
+    (minimum image) to an atom of another.
+    """
+    if n_molecules < 1:
+        raise ValueError(f"n_molecules must be positive, got {n_molecules}")
+    if not 0.1 <= density_g_cm3 <= 3.0:
+        raise ValueError(f"density_g_cm3={density_g_cm3} is not a liquid water density")
+    volume_A3 = n_molecules * _WATER_MASS_G / (density_g_cm3 * 6.02214076e23) * 1e24
+    box = volume_A3 ** (1.0 / 3.0)
+    per_side = int(np.ceil(n_molecules ** (1.0 / 3.0)))
+    spacing = box / per_side
+    rng = np.random.default_rng(seed)
+    sites = np.array([(i, j, k) for i in range(per_side) for j in range(per_side)
+                      for k in range(per_side)][:n_molecules], dtype=float)
+    centre = _WATER.mean(axis=0)
+    placed: list[np.ndarray] = []
+    for site in sites:
+        origin = (site + 0.5) * spacing
+        for _attempt in range(200):
+            rotated = Rotation.random(random_state=rng).apply(_WATER - centre) + origin
+            if not placed or _min_image_distance(rotated, np.concatenate(placed), box) \
+                    >= _MIN_INTERMOLECULAR_A:
+                placed.append(rotated)
+                break
+        else:
+            raise RuntimeError(f"could not place {n_molecules} waters at {density_g_cm3} g/cm3")
+    atoms = Atoms("OH2" * n_molecules, positions=np.concatenate(placed),
+                  cell=np.eye(3) * box, pbc=True)
+    atoms.wrap()
+    return atoms
+
+
+def _min_image_distance(a: np.ndarray, b: np.ndarray, box: float) -> float:
+    delta = a[:, None, :] - b[None, :, :]
+    delta -= box * np.round(delta / box)
+    return float(np.sqrt((delta ** 2).sum(-1)).min())
+
+
+def water_density_g_cm3(atoms: Atoms) -> float:
+    """Mass density of a periodic structure in g/cm³."""
+    mass_g = atoms.get_masses().sum() * _amu * 1e3
+    return mass_g / (atoms.get_volume() * 1e-24)
+
+
+def diamond(n: int, a: float = 3.567) -> Atoms:
+    """An ``n × n × n`` supercell of the 8-atom cubic diamond cell (lattice constant Å)."""
+    return bulk("C", "diamond", a=a, cubic=True).repeat((n, n, n))
+
+
+def carbon_cluster(n_atoms: int = 64, seed: int = 0, spacing_A: float = 1.54) -> Atoms:
+    """A non-periodic carbon cluster: a diamond fragment around the origin, jittered.
+
+    The ``n_atoms`` diamond-lattice sites nearest the centre are kept, then each atom
+    is displaced by up to 0.05 Å so the structure has no symmetry.
+    """
+    lattice = diamond(6, a=spacing_A * 4 / np.sqrt(3))
+    positions = lattice.positions - lattice.positions.mean(axis=0)
+    keep = np.argsort(np.linalg.norm(positions, axis=1), kind="stable")[:n_atoms]
+    rng = np.random.default_rng(seed)
+    jitter = rng.uniform(-0.05, 0.05, size=(n_atoms, 3))
+    return Atoms(f"C{n_atoms}", positions=positions[keep] + jitter, pbc=False)
