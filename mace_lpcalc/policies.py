@@ -351,6 +351,11 @@ class TorchLinear16(torch.nn.Module):
         return out if self.linear.bias is None else out + self.linear.bias
 
 
+def _device_type(*values) -> str:
+    """The device type autocast must target: that of the first tensor argument."""
+    return next((value.device.type for value in values if torch.is_tensor(value)), "cpu")
+
+
 class AutocastExempt(torch.nn.Module):
     """Runs a module outside autocast, on inputs cast back to the model dtype.
 
@@ -364,8 +369,7 @@ class AutocastExempt(torch.nn.Module):
         self.dtype = dtype
 
     def forward(self, *args):
-        device_type = next((a.device.type for a in args if torch.is_tensor(a)), "cpu")
-        with torch.autocast(device_type, enabled=False):
+        with torch.autocast(_device_type(*args), enabled=False):
             return self.module(*(a.to(self.dtype) if torch.is_tensor(a) and a.is_floating_point()
                                  else a for a in args))
 
@@ -386,7 +390,7 @@ class AutocastRegion(torch.nn.Module):
         self.model_dtype = model_dtype
 
     def forward(self, *args, **kwargs):
-        device_type = next((a.device.type for a in args if torch.is_tensor(a)), "cpu")
+        device_type = _device_type(*args, *kwargs.values())
         with torch.autocast(device_type, dtype=self.autocast_dtype):
             out = self.module(*args, **kwargs)
         if isinstance(out, tuple):

@@ -1,0 +1,233 @@
+"""Benchmark: ms per energy+forces call and per ASE Langevin step, per policy and backend.
+
+``python -m mace_lpcalc.bench --device cuda --model off24m --sizes 64 216 512 1728``
+
+Times, in one process on one device: mace's own ``MACECalculator`` (e3nn fp64 and
+cuEquivariance fp32, the baselines), ``LowPrecisionMACECalculator`` for each policy and
+backend, the model-only floor (the batch already on the device) and a full ASE Langevin
+step. Every configuration is warmed up first; times are medians of synchronised wall-clock
+intervals. Speedups are ratios against the baselines measured in the same run. Each
+policy's energy/force deviation from our fp64 e3nn result is recorded beside its time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+
+import mace  # noqa: F401  -- before e3nn
+import numpy as np
+import torch
+from ase import units
+from ase.calculators.calculator import all_changes
+from ase.md.langevin import Langevin
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from mace.calculators import MACECalculator
+
+from .calculator import LowPrecisionMACECalculator, _package_versions
+from .models import build_off24m_shaped_model, build_tiny_model, load_model
+from .policies import POLICIES
+from .systems import water_box
+
+BASELINES = {"mace-e3nn-fp64": dict(default_dtype="float64"),
+             "mace-cueq-fp32": dict(default_dtype="float32", enable_cueq=True)}
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_ms(call, device: str, warmup: int, repeats: int) -> float:
+    """Median wall time of ``call()`` in ms, synchronising the device around each call."""
+    for _ in range(warmup):
+        call()
+    samples = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        call()
+        synchronize(device)
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def make_model(spec: str, dtype=torch.float64) -> torch.nn.Module:
+    """``off24m`` (random-weight MACE-OFF24(M) shape), ``tiny``, or a ``.model`` path."""
+    if spec == "off24m":
+        return build_off24m_shaped_model(dtype=dtype)
+    if spec == "tiny":
+        return build_tiny_model(atomic_numbers=(1, 8), dtype=dtype)
+    return load_model(spec).to(dtype)
+
+
+def energy_forces_call(calc, atoms):
+    """One uncached energy+forces evaluation (ASE would reuse results for unchanged atoms)."""
+    def call():
+        calc.calculate(atoms, ["energy", "forces"], all_changes)
+    return call
+
+
+def langevin_step_call(calc, atoms, seed: int = 0):
+    atoms = atoms.copy()
+    atoms.calc = calc
+    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(seed))
+    dynamics = Langevin(atoms, timestep=1.0 * units.fs, temperature_K=300, friction=0.01,
+                        rng=np.random.default_rng(seed))
+    return lambda: dynamics.run(1)
+
+
+def peak_memory_mb(device: str) -> float | None:
+    if not device.startswith("cuda"):
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def reset_peak_memory(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def model_only_call(calc, atoms):
+    """The model alone on a batch already on the device: the floor no calculator can beat."""
+    batch = calc._atoms_to_batch(atoms)  # mace's own graph construction, done once
+    model = calc.models[0]
+    dtype = next(model.parameters()).dtype
+    data = {key: (value.to(dtype) if value.is_floating_point() else value)
+            for key, value in batch.to_dict().items() if torch.is_tensor(value)}
+
+    def call():
+        inputs = dict(data)
+        inputs["positions"] = data["positions"].clone()
+        model(inputs, compute_stress=False, training=False)
+    return call
+
+
+def run_benchmark(*, model_spec: str, device: str, sizes: list[int], policies: list[str],
+                  backends: list[str], warmup: int, repeats: int, langevin: bool,
+                  baselines: bool = True) -> dict:
+    """Time every configuration; returns the JSON-ready result dictionary."""
+    rows = []
+    for n_molecules in sizes:
+        atoms = water_box(n_molecules, seed=0)
+        n_atoms = len(atoms)
+        reference = LowPrecisionMACECalculator(models=make_model(model_spec), device=device,
+                                               policy="fp64", backend="e3nn")
+        reference.calculate(atoms, ["energy", "forces"], all_changes)
+        energy64, forces64 = reference.results["energy"], reference.results["forces"].copy()
+        del reference
+
+        configurations = []
+        if baselines:
+            for name, options in BASELINES.items():
+                if options.get("enable_cueq") and not device.startswith("cuda"):
+                    continue
+                configurations.append((name, "mace", lambda o=options: MACECalculator(
+                    models=make_model(model_spec), device=device, **o)))
+        for backend in backends:
+            for policy in policies:
+                configurations.append((f"ours-{backend}-{policy}", "ours",
+                                       lambda b=backend, p=policy: LowPrecisionMACECalculator(
+                                           models=make_model(model_spec), device=device,
+                                           policy=p, backend=b)))
+        for name, kind, build in configurations:
+            reset_peak_memory(device)
+            try:
+                row = _measure(name, kind, build, atoms, device, warmup, repeats, langevin,
+                               energy64, forces64)
+            except Exception as err:  # noqa: BLE001 -- record the failure, time the rest
+                row = {"name": name, "kind": kind, "n_atoms": n_atoms,
+                       "error": f"{type(err).__name__}: {err}"[:500]}
+                print(f"{n_atoms:6d} atoms  {name:<34} FAILED {row['error'][:200]}", flush=True)
+            rows.append(row)
+    _add_speedups(rows)
+    return {
+        "benchmark": "energy+forces per call and ASE Langevin step",
+        "model": model_spec,
+        "device": device,
+        "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _package_versions() | {"cuda": torch.version.cuda},
+        "warmup": warmup, "repeats": repeats, "statistic": "median",
+        "rows": rows,
+    }
+
+
+def _measure(name, kind, build, atoms, device, warmup, repeats, langevin, energy64, forces64):
+    n_atoms = len(atoms)
+    start = time.perf_counter()
+    calc = build()
+    calc.calculate(atoms, ["energy", "forces"], all_changes)
+    synchronize(device)
+    row = {"name": name, "kind": kind, "n_atoms": n_atoms,
+           "setup_s": time.perf_counter() - start,
+           "energy_forces_ms": median_ms(energy_forces_call(calc, atoms), device, warmup, repeats)}
+    calc.calculate(atoms, ["energy", "forces"], all_changes)
+    row["energy_error_eV_per_atom"] = abs(calc.results["energy"] - energy64) / n_atoms
+    row["force_relative_error"] = float(np.linalg.norm(calc.results["forces"] - forces64)
+                                        / np.linalg.norm(forces64))
+    if name in BASELINES:
+        row["model_only_ms"] = median_ms(model_only_call(calc, atoms), device, warmup, repeats)
+    if langevin:
+        row["langevin_step_ms"] = median_ms(langevin_step_call(calc, atoms), device,
+                                            warmup, repeats)
+    row["peak_memory_MB"] = peak_memory_mb(device)
+    print(_format_row(row), flush=True)
+    return row
+
+
+def _add_speedups(rows: list[dict]) -> None:
+    """Ratios against each baseline at the same size, and ns/day, MeSteps/day at 1 fs."""
+    rows = [row for row in rows if "error" not in row]
+    for row in rows:
+        for baseline in BASELINES:
+            match = next((r for r in rows if r["name"] == baseline and r["n_atoms"] == row["n_atoms"]),
+                         None)
+            if match is None:
+                continue
+            for key in ("energy_forces_ms", "langevin_step_ms"):
+                if key in row and key in match:
+                    row[f"speedup_{key.removesuffix('_ms')}_vs_{baseline}"] = match[key] / row[key]
+        step_ms = row.get("langevin_step_ms", row["energy_forces_ms"])
+        row["ns_per_day_at_1fs"] = 86400e3 / step_ms * 1e-6
+        row["MeSteps_per_day"] = 86400e3 / step_ms / 1e6
+
+
+def _format_row(row: dict) -> str:
+    extra = f"  langevin {row['langevin_step_ms']:8.2f} ms" if "langevin_step_ms" in row else ""
+    return (f"{row['n_atoms']:6d} atoms  {row['name']:<34} E+F {row['energy_forces_ms']:8.2f} ms"
+            f"{extra}  dE/atom {row['energy_error_eV_per_atom']:.1e} eV  "
+            f"relF {row['force_relative_error']:.1e}  setup {row['setup_s']:.1f} s")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="off24m", help="off24m, tiny, or a .model path")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 216, 512, 1728],
+                        help="water molecules per box (x3 atoms)")
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    parser.add_argument("--backends", nargs="+", default=["e3nn", "cuequivariance"])
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--no-langevin", action="store_true")
+    parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    result = run_benchmark(model_spec=args.model, device=args.device, sizes=args.sizes,
+                           policies=args.policies, backends=args.backends, warmup=args.warmup,
+                           repeats=args.repeats, langevin=not args.no_langevin,
+                           baselines=not args.no_baselines)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
