@@ -6,13 +6,17 @@ import h5py
 import mdtraj
 import numpy as np
 import pytest
+import torch
 from matplotlib.image import imread
 from scipy import stats
 from scipy.signal import lfilter
 
-from mace_lpcalc.analysis import (block_average, diffusion_coefficient, energy_drift, load_run,
+from mace_lpcalc.analysis import (block_average, diffusion_coefficient, energy_drift,
+                                  evaluate_static_deviations, load_run,
                                   mean_squared_displacement)
+from mace_lpcalc.calculator import LowPrecisionMACECalculator
 from mace_lpcalc.compare import format_estimate, main
+from mace_lpcalc.models import build_tiny_model
 from mace_lpcalc.systems import water_box
 from mace_lpcalc.trajectory import Frame, TrajectoryError, TrajectoryWriter
 
@@ -189,16 +193,17 @@ def test_series_in_unexpected_units_are_refused(tmp_path):
         load_run(path)
 
 
-def test_static_deviations_from_the_cli_match_direct_evaluation(tmp_path):
-    torch = pytest.importorskip("torch")
-    from mace_lpcalc.analysis import evaluate_static_deviations
-    from mace_lpcalc.calculator import LowPrecisionMACECalculator
-    from mace_lpcalc.models import build_tiny_model
-
+def test_static_deviations_from_the_cli_match_direct_evaluation(tmp_path, capsys):
     model_path = tmp_path / "tiny.model"
     torch.save(build_tiny_model(), model_path)
     run_path = write_run(tmp_path / "fp32.h5", policy="fp32", seed=0, n_molecules=8)
     out_dir = tmp_path / "out"
+    # A missing model is reported, and the tables and plots already made are kept.
+    assert main([str(run_path), "--out-dir", str(out_dir), "--static-deviations",
+                 "--model", str(tmp_path / "absent.model")]) == 2
+    assert "model file not found" in capsys.readouterr().err
+    assert (out_dir / "summary.csv").is_file() and (out_dir / "msd.png").is_file()
+
     assert main([str(run_path), "--out-dir", str(out_dir), "--static-deviations",
                  "--model", str(model_path), "--max-frames", "3"]) == 0
     rows = {r["metric"]: r for r in read_csv(out_dir / "static_deviations.csv")}
