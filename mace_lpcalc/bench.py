@@ -110,7 +110,7 @@ def model_only_call(calc, atoms):
 
 def run_benchmark(*, model_spec: str, device: str, sizes: list[int], policies: list[str],
                   backends: list[str], warmup: int, repeats: int, langevin: bool,
-                  baselines: bool = True) -> dict:
+                  baselines: bool = True, fast_path="auto", skins=(0.0,)) -> dict:
     """Time every configuration; returns the JSON-ready result dictionary."""
     rows = []
     for n_molecules in sizes:
@@ -131,10 +131,13 @@ def run_benchmark(*, model_spec: str, device: str, sizes: list[int], policies: l
                     models=make_model(model_spec), device=device, **o)))
         for backend in backends:
             for policy in policies:
-                configurations.append((f"ours-{backend}-{policy}", "ours",
-                                       lambda b=backend, p=policy: LowPrecisionMACECalculator(
-                                           models=make_model(model_spec), device=device,
-                                           policy=p, backend=b)))
+                for skin in skins:
+                    suffix = f"-skin{skin:g}" if len(skins) > 1 else ""
+                    configurations.append((
+                        f"ours-{backend}-{policy}{suffix}", "ours",
+                        lambda b=backend, p=policy, s=skin: LowPrecisionMACECalculator(
+                            models=make_model(model_spec), device=device, policy=p,
+                            backend=b, fast_path=fast_path, skin_A=s)))
         for name, kind, build in configurations:
             reset_peak_memory(device)
             try:
@@ -177,6 +180,11 @@ def _measure(name, kind, build, atoms, device, warmup, repeats, langevin, energy
         row["langevin_step_ms"] = median_ms(langevin_step_call(calc, atoms), device,
                                             warmup, repeats)
     row["peak_memory_MB"] = peak_memory_mb(device)
+    engine = getattr(calc, "engine", None)
+    if engine is not None:
+        row["cuda_graph_replayed"] = bool(engine.last_call_replayed_graph)
+        row["graph_captures"] = engine.n_graph_captures
+        row["neighbor_list_builds"] = engine.neighbors.n_builds
     print(_format_row(row), flush=True)
     return row
 
@@ -217,12 +225,17 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-langevin", action="store_true")
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--no-fast-path", action="store_true",
+                        help="time our calculator on mace's per-call graph construction")
+    parser.add_argument("--skins", type=float, nargs="+", default=[0.0],
+                        help="Verlet skins (Å) of the fast path to compare")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
     result = run_benchmark(model_spec=args.model, device=args.device, sizes=args.sizes,
                            policies=args.policies, backends=args.backends, warmup=args.warmup,
                            repeats=args.repeats, langevin=not args.no_langevin,
-                           baselines=not args.no_baselines)
+                           baselines=not args.no_baselines,
+                           fast_path=False if args.no_fast_path else "auto", skins=args.skins)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))

@@ -23,7 +23,10 @@ import torch
 from ase.calculators.calculator import (CalculationFailed, Calculator, CalculatorSetupError,
                                         all_changes)
 from ase.data import chemical_symbols
+from ase.stress import full_3x3_to_voigt_6_stress
 from mace.calculators.mace import MACECalculator
+
+from .engine import MACEEngine
 
 from .models import ModelLoadError, load_model, model_elements, model_hash
 from .policies import (apply_policy, check_device_supports, check_single_backend,
@@ -89,11 +92,17 @@ class LowPrecisionMACECalculator(MACECalculator):
         policy: a name from :data:`mace_lpcalc.policies.POLICIES` or a ``PrecisionPolicy``.
         backend: ``"e3nn"``, ``"cuequivariance"`` or ``"auto"`` (cuEquivariance on CUDA when
             its kernels are installed).
+        fast_path: evaluate through :class:`mace_lpcalc.engine.MACEEngine` (persistent device
+            state, GPU neighbour list, CUDA graphs). ``"auto"``: on CUDA for a single model.
+            ``False`` uses mace's own per-call graph construction.
+        skin_A: Verlet skin of the fast path's neighbour list, Å.
+        use_cuda_graph: ``"auto"`` (on CUDA), True or False; fast path only.
         **kwargs: passed to mace's ``MACECalculator`` (``head``, ``energy_units_to_eV``, ...).
     """
 
     def __init__(self, model_paths=None, models=None, device: str = "cpu",
-                 policy="fp32", backend: str = "auto", **kwargs):
+                 policy="fp32", backend: str = "auto", fast_path="auto", skin_A: float = 0.0,
+                 use_cuda_graph="auto", **kwargs):
         try:
             self.policy = get_policy(policy)
         except ValueError as err:
@@ -133,12 +142,23 @@ class LowPrecisionMACECalculator(MACECalculator):
             torch.set_default_dtype(saved_dtype)
         self.models = [apply_policy(model, self.policy) for model in self.models]
         self.known_numbers = frozenset(model_elements(self.models[0]))
+        if fast_path == "auto":
+            fast_path = torch_device.type == "cuda" and len(self.models) == 1
+        if fast_path and len(self.models) > 1:
+            raise CalculatorSetupError("the fast path evaluates one model; committees need "
+                                       "fast_path=False")
+        self.engine = MACEEngine(
+            self.models[0], z_table_atomic_numbers=self.z_table.zs, r_max=self.r_max,
+            device=torch_device, skin_A=skin_A, use_cuda_graph=use_cuda_graph,
+            head=self.head) if fast_path else None
         self.parameters.update(
             model_hash=self._hashes[0] if len(self._hashes) == 1 else self._hashes,
             policy=self.policy.name,
             policy_details=self.policy.as_dict(),
             backend=self.backend,
             device=str(torch_device),
+            fast_path=self.engine is not None,
+            skin_A=skin_A if self.engine is not None else None,
             versions=_package_versions(),
         )
 
@@ -172,8 +192,33 @@ class LowPrecisionMACECalculator(MACECalculator):
         Calculator.calculate(self, atoms)
         self.check_atoms(self.atoms)
         with policy_context(self.policy):
-            super().calculate(atoms, properties, system_changes)
+            if self.engine is None:
+                super().calculate(atoms, properties, system_changes)
+            else:
+                self._calculate_fast(properties or ["energy"])
         self._check_results()
+
+    def _calculate_fast(self, properties) -> None:
+        """Fill ``self.results`` from the engine, with mace's calculator's keys and units."""
+        atoms = self.atoms
+        # Once stress has been asked for (a barostat), compute it with every call rather
+        # than paying a second evaluation when the integrator asks for it after the forces.
+        self._stress_wanted = getattr(self, "_stress_wanted", False) or "stress" in properties
+        compute_stress = self._stress_wanted and atoms.pbc.all()
+        out = self.engine.compute(atoms.positions, atoms.numbers, atoms.cell.array, atoms.pbc,
+                                  compute_stress=compute_stress)
+        energy_unit = self.energy_units_to_eV
+        force_unit = energy_unit / self.length_units_to_A
+        self.results = {
+            "energy": out["energy"] * energy_unit,
+            "free_energy": out["energy"] * energy_unit,
+            "forces": out["forces"] * force_unit,
+            "energies": out["node_energy"] * energy_unit,
+            "node_energy": (out["node_energy"] - out["node_e0"]) * energy_unit,
+        }
+        if compute_stress:
+            self.results["stress"] = full_3x3_to_voigt_6_stress(
+                out["stress"] * energy_unit / self.length_units_to_A ** 3)
 
     def _check_results(self) -> None:
         energy, forces = self.results.get("energy"), self.results.get("forces")

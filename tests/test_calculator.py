@@ -24,9 +24,12 @@ def relative(a, b):
     return float(np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b))
 
 
-def test_fp64_equals_mace_calculator(tiny_model_factory, water8):
+@pytest.mark.parametrize("fast_path", [False, True])
+def test_fp64_equals_mace_calculator(fast_path, tiny_model_factory, water8):
     reference = MACECalculator(models=tiny_model_factory(), device="cpu", default_dtype="float64")
-    ours = LowPrecisionMACECalculator(models=tiny_model_factory(), policy="fp64", backend="e3nn")
+    ours = LowPrecisionMACECalculator(models=tiny_model_factory(), policy="fp64", backend="e3nn",
+                                      fast_path=fast_path)
+    assert ours.parameters["fast_path"] is fast_path
     e_ref, f_ref, s_ref = evaluate(reference, water8)
     e, f, s = evaluate(ours, water8)
     assert abs(e - e_ref) <= 1e-10 * abs(e_ref)
@@ -102,8 +105,10 @@ def test_policy_matches_fp64_reference(policy, backend, tiny_model_factory, wate
     e64, f64, s64 = evaluate(
         LowPrecisionMACECalculator(models=tiny_model_factory(), policy="fp64", backend="e3nn"),
         water8)
+    # The fast path (persistent state, own neighbour list) on CPU: same numbers as mace's path.
     e, f, s = evaluate(
-        LowPrecisionMACECalculator(models=tiny_model_factory(), policy=policy, backend=backend),
+        LowPrecisionMACECalculator(models=tiny_model_factory(), policy=policy, backend=backend,
+                                   fast_path=True, skin_A=0.5),
         water8)
     energy_tol, force_tol, stress_tol = TOLERANCES[policy]
     assert abs(e - e64) / len(water8) <= energy_tol

@@ -20,7 +20,8 @@ def _triples(edge_index, unit_shifts):
 
 
 def _ours(positions, cell, pbc, cutoff):
-    edge_index, unit_shifts = neighbor_list(torch.tensor(positions), torch.tensor(cell), pbc, cutoff)
+    edge_index, unit_shifts = neighbor_list(torch.tensor(positions), torch.tensor(cell), pbc,
+                                            cutoff)
     return edge_index.numpy(), unit_shifts.numpy()
 
 
@@ -110,7 +111,8 @@ def test_bad_cutoff_skin_and_positions_are_refused():
 
 def _water_like(n_atoms=40, box=8.0, seed=0):
     rng = np.random.default_rng(seed)
-    return torch.tensor(rng.uniform(0, box, size=(n_atoms, 3))), torch.eye(3, dtype=torch.float64) * box
+    positions = torch.tensor(rng.uniform(0, box, size=(n_atoms, 3)))
+    return positions, torch.eye(3, dtype=torch.float64) * box
 
 
 def _pairs_within(edge_index, unit_shifts, positions, cell, cutoff):
@@ -216,6 +218,15 @@ def test_mixed_pbc_rebuilds_when_a_periodic_cell_vector_changes():
     assert not verlet.update(positions, changed, pbc)
     changed[0, 0] += 1e-9
     assert verlet.update(positions, changed, pbc)
+
+
+def test_nan_positions_force_a_rebuild_which_refuses_them():
+    positions, cell = _water_like()
+    verlet = VerletNeighborList(3.0, skin_A=0.4)
+    verlet.update(positions, cell, True)
+    positions[5, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        verlet.update(positions, cell, True)
 
 
 def test_open_system_ignores_the_cell_and_pbc_change_rebuilds():

@@ -1,0 +1,335 @@
+"""Fast MACE evaluation: persistent device state, a Verlet neighbour list, CUDA graphs.
+
+mace's own calculator rebuilds everything on every call: a CPU neighbour list, an
+``AtomicData`` and a ``torch_geometric`` batch, host-to-device copies of each field,
+then thousands of small kernel launches. :class:`MACEEngine` keeps the model inputs on
+the device between calls and per step only
+
+1. copies the new positions and cell in (one host-to-device copy),
+2. decides on the device whether the skin neighbour list is still valid (one flag read),
+   rebuilding it with vesin on the same device when not,
+3. replays a captured CUDA graph of energy + forces (+ stress) — or runs the model eagerly
+   on CPU, or where capture is impossible,
+4. copies the results out (one device-to-host copy).
+
+The model is called exactly as mace's calculator calls it,
+``model(batch, compute_stress=..., training=False)``, on a batch dictionary built from
+persistent tensors. The batch has two graphs: graph 0 is the real system; graph 1 holds
+a few padding nodes with self-loop padding edges, whose periodic shift in graph 1's own
+large cell makes them longer than ``r_max``. MACE's radial cutoff zeroes such edges, so
+padding adds exactly nothing to graph 0 and never produces a zero-length edge (whose
+normalised spherical harmonics would be NaN). Edge buffers have a fixed capacity with
+headroom, so the captured graph stays valid while the edge count fluctuates; it is
+re-captured only when the edge count outgrows the capacity or the atom count changes.
+
+Results are returned as computed: NaN or infinite values are not masked, so callers can
+detect a failed evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+
+from mace_lpcalc.neighbors import VerletNeighborList, _check_pbc
+
+logger = logging.getLogger(__name__)
+
+#: Edge capacities are rounded up to a multiple of this.
+_EDGE_CAPACITY_MULTIPLE = 64
+#: Padding edges are spread over this many padding nodes so that the scatter-adds into
+#: them do not all contend for one memory address.
+_PADDING_NODES = 8
+#: Eager calls on a side stream before capture (PyTorch needs at least one to set up
+#: autograd's and the libraries' lazy state outside the capture).
+_WARMUP_CALLS = 2
+
+
+class MACEEngine:
+    """Evaluates a MACE model on one system repeatedly, keeping its state on the device.
+
+    Args:
+        model: a prepared MACE model (any float dtype, possibly with 16-bit Linear
+            wrappers), called like mace's calculator calls it. Moved to ``device``; its
+            parameters stop requiring gradients (as in mace's calculator).
+        z_table_atomic_numbers: the model's elements, in its one-hot order.
+        r_max: the model's cutoff radius in Å.
+        device: where the model and all per-step tensors live.
+        skin_A: Verlet skin in Å (0 rebuilds the neighbour list whenever anything moved).
+            Skin edges cost model time (the edge count grows as ((r_max+skin)/r_max)³),
+            so the best value depends on model size and device; measure.
+        use_cuda_graph: ``"auto"`` (on for CUDA devices), True or False.
+        edge_headroom: edge capacity as a multiple of the edge count that first needs it.
+        head: the model head to evaluate; default as mace's calculator chooses.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, z_table_atomic_numbers, r_max: float,
+                 device="cpu", skin_A: float = 0.0, use_cuda_graph="auto",
+                 edge_headroom: float = 1.25, head: str | None = None):
+        self.device = torch.device(device)
+        if use_cuda_graph not in ("auto", True, False):
+            raise ValueError(
+                f"use_cuda_graph must be 'auto', True or False, got {use_cuda_graph!r}")
+        if use_cuda_graph is True and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, got device={self.device}")
+        if not edge_headroom >= 1.0:
+            raise ValueError(f"edge_headroom must be at least 1, got {edge_headroom}")
+        if not (np.isfinite(r_max) and r_max > 0):
+            raise ValueError(f"r_max must be a positive number of Å, got {r_max}")
+        if hasattr(model, "joint_embedding"):
+            raise ValueError("models with charge/spin embeddings need per-system inputs "
+                             "that MACEEngine does not provide")
+        self.model = model.to(self.device)
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self.dtype = next(self.model.parameters()).dtype
+        if self.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"model parameters must be float32 or float64, got {self.dtype}")
+        self.r_max = float(r_max)
+        self.atomic_numbers = tuple(int(z) for z in z_table_atomic_numbers)
+        self._species_index = {z: index for index, z in enumerate(self.atomic_numbers)}
+        self._head_index = _head_index(self.model, head)
+        self.edge_headroom = float(edge_headroom)
+        self.use_cuda_graph = (self.device.type == "cuda" if use_cuda_graph == "auto"
+                               else bool(use_cuda_graph))
+        self.neighbors = VerletNeighborList(self.r_max, skin_A)
+        #: Number of CUDA graphs captured so far (each capture costs a few model calls).
+        self.n_graph_captures = 0
+        self._capture_failed: set[bool] = set()
+        self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        self._numbers: np.ndarray | None = None
+        self._last_call_used_graph = False
+        self.edge_capacity = 0
+
+    # ------------------------------------------------------------------ public API
+
+    def compute(self, positions, numbers, cell, pbc, compute_stress: bool = False) -> dict:
+        """Energy, forces, per-atom energies (and stress) of one configuration.
+
+        Args:
+            positions: (n_atoms, 3) Å, unwrapped or wrapped.
+            numbers: (n_atoms,) atomic numbers, all among the model's elements.
+            cell: (3, 3) Å, lattice vectors as rows (ignored in non-periodic directions).
+            pbc: a bool or three bools.
+            compute_stress: also return the stress (fully periodic systems only).
+
+        Returns:
+            ``energy`` (float, eV), ``forces`` (n_atoms, 3) eV/Å, ``node_energy`` (n_atoms,)
+            eV as the model outputs it (reference energy included), ``node_e0`` (n_atoms,)
+            eV (each atom's reference energy E0), and with ``compute_stress`` ``stress``
+            (3, 3) eV/Å³ in mace's sign convention (as its calculator has it before the
+            Voigt conversion). Values are not checked for NaN.
+        """
+        positions = np.asarray(positions, dtype=np.float64)
+        numbers = np.asarray(numbers)
+        cell = np.asarray(cell, dtype=np.float64)
+        pbc = _check_pbc(pbc)
+        if positions.ndim != 2 or positions.shape[1] != 3 or len(positions) == 0:
+            raise ValueError(f"positions must have shape (n_atoms >= 1, 3), got {positions.shape}")
+        if numbers.shape != (len(positions),):
+            raise ValueError(f"numbers must have shape ({len(positions)},), got {numbers.shape}")
+        if cell.shape != (3, 3):
+            raise ValueError(f"cell must have shape (3, 3), got {cell.shape}")
+        if compute_stress and not all(pbc):
+            raise ValueError(f"stress is defined only for fully periodic systems, got pbc={pbc}")
+        if self._numbers is None or not np.array_equal(numbers, self._numbers):
+            self._set_species(numbers)
+
+        n_atoms = len(positions)
+        host_in = self._host_in.numpy()
+        host_in[:n_atoms] = positions
+        host_in[n_atoms:] = cell
+        self._device_in.copy_(self._host_in, non_blocking=True)
+        rebuilt = self.neighbors.update(self._device_in[:n_atoms], self._device_in[n_atoms:], pbc)
+        if rebuilt or self.edge_capacity == 0:
+            self._load_edges()
+
+        with torch.enable_grad():
+            self._run(bool(compute_stress))
+        if self._host_out is not self._out:
+            self._host_out.copy_(self._out, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+
+        out = self._host_out.numpy()
+        results = {
+            "energy": float(out[0]),
+            "forces": out[1:1 + 3 * n_atoms].reshape(n_atoms, 3).copy(),
+            "node_energy": out[1 + 3 * n_atoms:1 + 4 * n_atoms].copy(),
+            "node_e0": self._node_e0.copy(),
+        }
+        if compute_stress:
+            results["stress"] = out[1 + 4 * n_atoms:].reshape(3, 3).copy()
+        return results
+
+    @property
+    def last_call_replayed_graph(self) -> bool:
+        """Whether the last call replayed a captured graph."""
+        return self._last_call_used_graph
+
+    # --------------------------------------------------------------- system state
+
+    def _set_species(self, numbers: np.ndarray) -> None:
+        unknown = sorted({int(z) for z in numbers} - set(self.atomic_numbers))
+        if unknown:
+            raise ValueError(f"atomic numbers {unknown} are not among the model's elements "
+                             f"{list(self.atomic_numbers)}")
+        indices = torch.tensor([self._species_index[int(z)] for z in numbers],
+                               dtype=torch.int64, device=self.device)
+        n_atoms = len(numbers)
+        if self._numbers is None or len(self._numbers) != n_atoms:
+            self._allocate_system(n_atoms)
+        # Written in place so that captured graphs, which read these buffers, stay valid.
+        self._node_attrs[:n_atoms] = 0
+        self._node_attrs[torch.arange(n_atoms, device=self.device), indices] = 1
+        with torch.no_grad():
+            e0 = self.model.atomic_energies_fn(self._node_attrs[:n_atoms])
+        self._node_e0 = e0[:, self._head_index].detach().double().cpu().numpy()
+        self._numbers = numbers.copy()
+
+    def _allocate_system(self, n_atoms: int) -> None:
+        device, dtype = self.device, self.dtype
+        n_nodes = n_atoms + _PADDING_NODES
+        on_cuda = device.type == "cuda"
+        # Positions (rows 0..n-1) and cell (last three rows) travel in one copy.
+        self._host_in = torch.empty((n_atoms + 3, 3), dtype=torch.float64, pin_memory=on_cuda)
+        self._device_in = torch.empty((n_atoms + 3, 3), dtype=torch.float64, device=device)
+        self._node_attrs = torch.zeros((n_nodes, len(self.atomic_numbers)), dtype=dtype,
+                                       device=device)
+        self._node_attrs[n_atoms:, 0] = 1  # padding nodes: any element will do
+        self._positions = torch.zeros((n_nodes, 3), dtype=dtype, device=device)
+        # Graph 1's cell makes every padding self-loop 2*r_max long: beyond the cutoff.
+        self._cells = torch.zeros((2, 3, 3), dtype=dtype, device=device)
+        self._cells[1] = 2 * self.r_max * torch.eye(3, dtype=dtype, device=device)
+        self._batch = torch.cat((torch.zeros(n_atoms, dtype=torch.int64, device=device),
+                                 torch.ones(_PADDING_NODES, dtype=torch.int64, device=device)))
+        self._ptr = torch.tensor([0, n_atoms, n_nodes], dtype=torch.int64, device=device)
+        self._head = torch.full((2,), self._head_index, dtype=torch.int64, device=device)
+        # energy, forces (3n), node energies (n), stress (9), packed for one copy out.
+        self._out = torch.zeros(1 + 4 * n_atoms + 9, dtype=torch.float64, device=device)
+        self._host_out = (torch.empty_like(self._out, device="cpu").pin_memory() if on_cuda
+                          else self._out)
+        self._n_atoms = n_atoms
+        self._numbers = None
+        self.edge_capacity = 0
+        self._drop_graphs()
+
+    def _allocate_edges(self, n_edges: int) -> None:
+        capacity = _EDGE_CAPACITY_MULTIPLE * max(
+            1, math.ceil(n_edges * self.edge_headroom / _EDGE_CAPACITY_MULTIPLE))
+        device = self.device
+        self._edge_index = torch.empty((2, capacity), dtype=torch.int64, device=device)
+        self._unit_shifts = torch.empty((capacity, 3), dtype=self.dtype, device=device)
+        self._is_real_edge = torch.empty((capacity, 1), dtype=torch.bool, device=device)
+        padding_node = self._n_atoms + torch.arange(capacity, device=device) % _PADDING_NODES
+        self._padding_edge_index = padding_node.expand(2, capacity)
+        self._padding_unit_shift = torch.tensor([1.0, 0.0, 0.0], dtype=self.dtype, device=device)
+        if self.edge_capacity:
+            logger.info("edge count %d outgrew the capacity %d; re-padding to %d",
+                        n_edges, self.edge_capacity, capacity)
+        self.edge_capacity = capacity
+        self._drop_graphs()
+
+    def _load_edges(self) -> None:
+        """Copy a freshly built neighbour list into the fixed-capacity edge buffers."""
+        n_edges = self.neighbors.n_edges
+        if n_edges > self.edge_capacity:
+            self._allocate_edges(n_edges)
+        with torch.no_grad():
+            self._edge_index[:, :n_edges] = self.neighbors.edge_index
+            self._edge_index[:, n_edges:] = self._padding_edge_index[:, n_edges:]
+            self._unit_shifts[:n_edges] = self.neighbors.unit_shifts
+            self._unit_shifts[n_edges:] = self._padding_unit_shift
+            self._is_real_edge[:n_edges] = True
+            self._is_real_edge[n_edges:] = False
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _evaluate(self, compute_stress: bool) -> None:
+        """One model call from the persistent buffers into ``self._out`` (capturable)."""
+        n_atoms = self._n_atoms
+        with torch.no_grad():
+            self._positions[:n_atoms] = self._device_in[:n_atoms]
+            self._cells[0] = self._device_in[n_atoms:]
+            shifts = torch.where(self._is_real_edge, self._unit_shifts @ self._cells[0],
+                                 self._unit_shifts @ self._cells[1])
+        batch = {
+            # A fresh leaf sharing the buffer's memory: the model sets requires_grad on it.
+            "positions": self._positions.detach(),
+            "node_attrs": self._node_attrs,
+            "edge_index": self._edge_index,
+            "shifts": shifts,
+            "unit_shifts": self._unit_shifts,
+            "cell": self._cells.view(6, 3),
+            "batch": self._batch,
+            "ptr": self._ptr,
+            "head": self._head,
+        }
+        output = self.model(batch, compute_stress=compute_stress, training=False)
+        with torch.no_grad():
+            self._out[0] = output["energy"][0]
+            self._out[1:1 + 3 * n_atoms] = output["forces"][:n_atoms].reshape(-1)
+            self._out[1 + 3 * n_atoms:1 + 4 * n_atoms] = output["node_energy"][:n_atoms]
+            if compute_stress:
+                self._out[1 + 4 * n_atoms:] = output["stress"][0].reshape(-1)
+
+    def _run(self, compute_stress: bool) -> None:
+        graph = None
+        if self.use_cuda_graph and compute_stress not in self._capture_failed:
+            graph = self._graphs.get(compute_stress)
+            if graph is None:
+                graph = self._capture(compute_stress)
+        self._last_call_used_graph = graph is not None
+        if graph is not None:
+            graph.replay()
+        else:
+            self._evaluate(compute_stress)
+
+    def _capture(self, compute_stress: bool):
+        """Capture ``_evaluate`` as a CUDA graph; on failure log once and return None."""
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        try:
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                for _ in range(_WARMUP_CALLS):
+                    self._evaluate(compute_stress)
+            current.wait_stream(side)
+            # Each graph gets its own memory pool: with and without stress they may be
+            # replayed in any order, which pool sharing does not allow in general.
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._evaluate(compute_stress)
+        except RuntimeError as err:
+            # A failed capture_end skips restoring the stream torch.cuda.graph switched to;
+            # everything after (vesin included) must run on the caller's stream again.
+            torch.cuda.set_stream(current)
+            torch.cuda.synchronize(self.device)
+            self._capture_failed.add(compute_stress)
+            logger.warning("CUDA graph capture failed (compute_stress=%s); running eagerly "
+                           "instead: %s", compute_stress, err)
+            return None
+        self._graphs[compute_stress] = graph
+        self.n_graph_captures += 1
+        return graph
+
+    def _drop_graphs(self) -> None:
+        self._graphs.clear()
+
+
+def _head_index(model: torch.nn.Module, head: str | None) -> int:
+    """The head mace's calculator would use: the given one, the only one, or 'default'."""
+    heads = list(getattr(model, "heads", None) or ["Default"])
+    if head is None:
+        if len(heads) == 1:
+            return 0
+        defaults = [index for index, name in enumerate(heads) if name.lower() == "default"]
+        if not defaults:
+            raise ValueError(f"the model has several heads {heads} and none is 'default'; "
+                             "pass head=...")
+        return defaults[0]
+    if head not in heads:
+        raise ValueError(f"head {head!r} is not among the model's heads {heads}")
+    return heads.index(head)

@@ -1,0 +1,204 @@
+"""Neighbour lists in MACE's convention, computed by vesin on the positions' own device.
+
+MACE (``mace.data.neighborhood.get_neighborhood``) describes a periodic graph by
+
+* ``edge_index`` [2, E] int64: sender ``edge_index[0]``, receiver ``edge_index[1]``;
+* ``unit_shifts`` [E, 3]: integer cell multiples, so that the edge vector is
+  ``positions[receiver] - positions[sender] + unit_shifts @ cell``.
+
+Both directions of every pair are present, and an atom's bond to itself appears only
+through a non-zero periodic shift (small cells). vesin's full list uses exactly this
+convention (``r_ij = r_j - r_i + S @ H``), so it is passed through unchanged.
+
+:class:`VerletNeighborList` adds a skin: it builds the list at ``cutoff + skin`` and
+keeps it while it provably still contains every pair closer than ``cutoff``. MACE's
+radial cutoff multiplies each edge by ``(r < r_max)``, so the extra edges of a skin list
+contribute exactly zero energy, force and stress, and the list can be fed to the model
+as it is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from vesin_torch import NeighborList as _VesinNeighborList
+
+
+def _check_pbc(pbc) -> tuple[bool, bool, bool]:
+    pbc_array = np.asarray(pbc)
+    if pbc_array.shape == ():
+        pbc_array = np.repeat(pbc_array, 3)
+    if pbc_array.shape != (3,) or pbc_array.dtype != bool:
+        raise ValueError(f"pbc must be a bool or three bools, got {pbc!r}")
+    return tuple(bool(p) for p in pbc_array)
+
+
+def _check_inputs(positions: torch.Tensor, cell: torch.Tensor, pbc, cutoff_A: float):
+    if not (np.isfinite(cutoff_A) and cutoff_A > 0):
+        raise ValueError(f"cutoff_A must be a positive number, got {cutoff_A}")
+    if positions.ndim != 2 or positions.shape[1] != 3:
+        raise ValueError(f"positions must have shape (n_atoms, 3), got {tuple(positions.shape)}")
+    if tuple(cell.shape) != (3, 3):
+        raise ValueError(f"cell must have shape (3, 3), got {tuple(cell.shape)}")
+    if cell.device != positions.device:
+        raise ValueError(f"positions are on {positions.device} but cell is on {cell.device}")
+    pbc = _check_pbc(pbc)
+    if not bool(torch.isfinite(positions).all()):
+        raise ValueError("positions contain NaN or infinite values")
+    if not bool(torch.isfinite(cell).all()):
+        raise ValueError("cell contains NaN or infinite values")
+    periodic_rows = cell.detach().cpu().double().numpy()[list(pbc)]
+    if len(periodic_rows) and np.linalg.matrix_rank(periodic_rows, tol=1e-8) < len(periodic_rows):
+        raise ValueError(
+            f"the cell vectors of the periodic directions {pbc} are zero or linearly "
+            f"dependent (cell =\n{cell.detach().cpu().numpy()})")
+    return pbc
+
+
+class _VesinFullList:
+    """A reusable vesin calculator (it keeps its buffers, on CPU or CUDA, between calls)."""
+
+    def __init__(self, cutoff_A: float):
+        self.cutoff_A = float(cutoff_A)
+        self._by_device_type: dict[str, _VesinNeighborList] = {}
+
+    def _vesin(self, device: torch.device) -> _VesinNeighborList:
+        if device.type not in self._by_device_type:
+            # On CPU, edges sorted by sender (as matscipy gives mace) make runs reproducible
+            # for free. On CUDA the order is nondeterministic anyway (atomics, in vesin and
+            # in the model's scatter-adds), and vesin's bitonic sort would cost ~200 kernel
+            # passes over the list at every rebuild.
+            self._by_device_type[device.type] = _VesinNeighborList(
+                cutoff=self.cutoff_A, full_list=True, sorted=device.type == "cpu")
+        return self._by_device_type[device.type]
+
+    def compute(self, positions: torch.Tensor, cell: torch.Tensor, pbc: tuple[bool, bool, bool],
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        periodic = torch.tensor(pbc, dtype=torch.bool, device=positions.device)
+        box = cell.to(torch.float64) if any(pbc) else torch.zeros(
+            3, 3, dtype=torch.float64, device=positions.device)
+        sender, receiver, unit_shifts = self._vesin(positions.device).compute(
+            points=positions.detach().to(torch.float64).contiguous(), box=box.contiguous(),
+            periodic=periodic, quantities="ijS")
+        edge_index = torch.stack((sender, receiver)).to(torch.int64)
+        return edge_index, unit_shifts.to(dtype)
+
+
+def neighbor_list(positions: torch.Tensor, cell: torch.Tensor, pbc, cutoff_A: float, *,
+                  dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """All pairs closer than ``cutoff_A``, in MACE's convention (see the module docstring).
+
+    Args:
+        positions: (n_atoms, 3) Å, on any device vesin supports (CPU, CUDA); they need not
+            be wrapped into the cell.
+        cell: (3, 3) Å, lattice vectors as rows, on the same device. Ignored in
+            non-periodic directions (it may be all zeros for an open system).
+        pbc: a bool or three bools (per lattice vector); mixed periodicity is supported.
+        cutoff_A: pair cutoff in Å; any size, including more than half the cell.
+        dtype: float dtype of ``unit_shifts``; defaults to ``positions.dtype``.
+
+    Returns:
+        ``(edge_index, unit_shifts)``: [2, E] int64 and [E, 3] ``dtype``, on the positions'
+        device; sorted by sender on CPU, in no particular order on CUDA.
+    """
+    positions, cell = torch.as_tensor(positions), torch.as_tensor(cell)
+    pbc = _check_inputs(positions, cell, pbc, cutoff_A)
+    return _VesinFullList(cutoff_A).compute(positions, cell, pbc, dtype or positions.dtype)
+
+
+class VerletNeighborList:
+    """A neighbour list with a skin, rebuilt only when it may have become incomplete.
+
+    The list holds every pair closer than ``cutoff_A + skin_A`` at the last build. With
+    positions ``r`` and cell ``H`` then and ``r'``, ``H'`` now, write ``F = H⁻¹ H'`` (the
+    cell deformation) and ``δ_i = |r'_i − r_i F|`` (each atom's displacement apart from
+    the affine one). A pair vector becomes ``d' = d F + (r'_j − r_j F) − (r'_i − r_i F)``,
+    so ``|d'| ≥ |d| (1 − ‖F − I‖_F) − 2 max δ``. A pair missing from the list had
+    ``|d| ≥ cutoff + skin``; it still cannot be inside ``cutoff`` while
+
+        2 max_i δ_i + (cutoff + skin) ‖F − I‖_F ≤ skin,
+
+    and the list is rebuilt as soon as this fails. With a fixed cell (NVT, NVE) ``F = I``
+    exactly and this is the usual rule: rebuild once an atom has moved more than
+    ``skin/2``. Under a barostat small cell changes use up part of the skin instead of
+    forcing a rebuild. Open systems ignore the cell. With mixed periodicity any change of
+    a periodic cell vector triggers a rebuild.
+
+    Displacements are measured on the positions as given, never wrapped: an atom that
+    crosses the cell boundary keeps its list (its shifts already account for it), and
+    nothing jumps by a cell vector. The decision is computed on the positions' device;
+    reading it back is the only host synchronisation of a step without rebuild.
+    ``skin_A = 0`` rebuilds whenever any position or the cell changed at all.
+    """
+
+    def __init__(self, cutoff_A: float, skin_A: float = 0.0):
+        if not (np.isfinite(skin_A) and skin_A >= 0):
+            raise ValueError(f"skin_A must be a non-negative number, got {skin_A}")
+        if not (np.isfinite(cutoff_A) and cutoff_A > 0):
+            raise ValueError(f"cutoff_A must be a positive number, got {cutoff_A}")
+        self.cutoff_A = float(cutoff_A)
+        self.skin_A = float(skin_A)
+        self._vesin = _VesinFullList(self.cutoff_A + self.skin_A)
+        self.n_builds = 0
+        self.edge_index: torch.Tensor | None = None
+        self.unit_shifts: torch.Tensor | None = None
+        self._pbc: tuple[bool, bool, bool] | None = None
+        self._reference_positions: torch.Tensor | None = None
+        self._reference_cell: torch.Tensor | None = None
+        self._reference_cell_inverse: torch.Tensor | None = None
+        self._periodic_rows: torch.Tensor | None = None
+
+    @property
+    def n_edges(self) -> int:
+        """Number of edges in the current list (0 before the first build)."""
+        return 0 if self.edge_index is None else int(self.edge_index.shape[1])
+
+    def update(self, positions: torch.Tensor, cell: torch.Tensor, pbc) -> bool:
+        """Rebuild the list if it may miss a pair inside the cutoff; return whether it did.
+
+        ``positions`` (n_atoms, 3) and ``cell`` (3, 3) are in Å on one device; the list
+        (``edge_index``, ``unit_shifts`` in ``positions.dtype``) lives there too.
+        """
+        pbc = _check_pbc(pbc)
+        if not self._needs_rebuild(positions, cell, pbc):
+            return False
+        pbc = _check_inputs(positions, cell, pbc, self.cutoff_A)
+        self.edge_index, self.unit_shifts = self._vesin.compute(
+            positions, cell, pbc, positions.dtype)
+        self._pbc = pbc
+        self._reference_positions = positions.detach().to(torch.float64).clone()
+        self._reference_cell = cell.detach().to(torch.float64).clone()
+        if all(pbc):
+            self._reference_cell_inverse = torch.linalg.inv(self._reference_cell)
+        self._periodic_rows = torch.tensor(pbc, device=cell.device)[:, None]
+        self.n_builds += 1
+        return True
+
+    def _needs_rebuild(self, positions: torch.Tensor, cell: torch.Tensor,
+                       pbc: tuple[bool, bool, bool]) -> bool:
+        reference = self._reference_positions
+        if (reference is None or pbc != self._pbc or reference.shape != positions.shape
+                or reference.device != positions.device):
+            return True
+        return bool(self._rebuild_flag(positions.detach().to(torch.float64),
+                                       cell.detach().to(torch.float64)))
+
+    def _rebuild_flag(self, positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        """A 0-d bool tensor on the positions' device; no host synchronisation here."""
+        if all(self._pbc):
+            identity = torch.eye(3, dtype=torch.float64, device=cell.device)
+            # An unchanged cell gives F = I exactly, so NVT/NVE follow the plain skin/2 rule
+            # without rounding noise from H⁻¹H.
+            unchanged = (cell == self._reference_cell).all()
+            deformation = torch.where(unchanged, identity, self._reference_cell_inverse @ cell)
+            displacement = positions - self._reference_positions @ deformation
+            strain = torch.linalg.matrix_norm(deformation - identity)
+            budget_used = (2 * torch.linalg.vector_norm(displacement, dim=1).max()
+                           + (self.cutoff_A + self.skin_A) * strain)
+            return ~(budget_used <= self.skin_A)  # NaN positions rebuild (and are refused)
+        displacement = positions - self._reference_positions
+        moved_too_far = ~(2 * torch.linalg.vector_norm(displacement, dim=1).max() <= self.skin_A)
+        if any(self._pbc):
+            cell_changed = ((cell != self._reference_cell) & self._periodic_rows).any()
+            return moved_too_far | cell_changed
+        return moved_too_far
