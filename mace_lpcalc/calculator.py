@@ -201,10 +201,12 @@ class LowPrecisionMACECalculator(MACECalculator):
     def _calculate_fast(self, properties) -> None:
         """Fill ``self.results`` from the engine, with mace's calculator's keys and units."""
         atoms = self.atoms
-        # Once stress has been asked for (a barostat), compute it with every call rather
-        # than paying a second evaluation when the integrator asks for it after the forces.
-        self._stress_wanted = getattr(self, "_stress_wanted", False) or "stress" in properties
-        compute_stress = self._stress_wanted and atoms.pbc.all()
+        # A barostat asks for the stress right after the forces of every step; computing it
+        # whenever the previous call wanted it avoids a second evaluation per step, while
+        # NVT/NVE runs that log the stress now and then pay for it only near those steps.
+        wanted = "stress" in properties or getattr(self, "_stress_asked_last_call", False)
+        self._stress_asked_last_call = "stress" in properties
+        compute_stress = wanted and atoms.pbc.all()
         out = self.engine.compute(atoms.positions, atoms.numbers, atoms.cell.array, atoms.pbc,
                                   compute_stress=compute_stress)
         energy_unit = self.energy_units_to_eV

@@ -1,0 +1,414 @@
+"""The MD trajectory file: MDTraj's HDF5 layout plus the thermodynamic time series.
+
+One run writes one file that ``mdtraj.load("run.h5")`` opens as a trajectory (MDTraj
+reads it through PyTables: ``pip install tables``). The layout follows MDTraj's HDF5
+format ("Pande" conventions 1.1): ``coordinates`` (frames × atoms × 3, float32 nm),
+``time`` (ps), ``cell_lengths`` (nm), ``cell_angles`` (degrees) and a JSON ``topology``
+in which each bonded molecule is one residue (water is named ``HOH``). Alongside, every
+logged frame stores the float64 series below, each dataset carrying a ``units``
+attribute (``temperature`` says ``kelvin`` because MDTraj parses that attribute):
+
+========================  ==========  ================================================
+dataset                   units       meaning
+========================  ==========  ================================================
+``step``                  (int)       MD step index of the frame
+``potential_energy``      eV
+``kinetic_energy``        eV
+``total_energy``          eV          potential + kinetic
+``conserved_energy``      eV          the integrator's conserved quantity where ASE
+                                      exposes one, else the total energy
+``temperature``           K           from the kinetic energy, ASE's degrees of freedom
+``pressure``              bar         −tr(stress)/3, ideal-gas (kinetic) term included
+``stress``                eV/Å³       Voigt (xx, yy, zz, yz, xz, xy), ideal gas included
+``volume``                Å³
+``density``               g/cm³
+``wall_time_per_step``    s           mean over the steps since the previous frame
+                                      (NaN for a run's first frame)
+========================  ==========  ================================================
+
+Coordinates are *unwrapped* (atoms are never folded back into the cell), which mean
+squared displacements need; MDTraj's RDF applies the minimum image itself. For a
+triclinic cell that is not lower-triangular, coordinates are rotated into the cell's
+standard orientation, the one MDTraj rebuilds from lengths and angles. Systems that are
+not periodic in all three directions have no cell, stress, pressure, volume or density
+datasets.
+
+Frames are appended one at a time and flushed after each, so a run killed at any point
+keeps every frame logged before its last flush; ``step`` is written last in each append,
+so its length counts the complete frames. The root attributes record the run: protocol,
+settings (JSON), model hash, precision policy, backend, seed, library versions (JSON),
+``n_atoms`` and ``periodic``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import h5py
+import mdtraj
+import numpy as np
+from ase import Atoms, units
+from ase.cell import Cell
+from ase.neighborlist import natural_cutoffs, neighbor_list
+from mdtraj.formats.hdf5 import HDF5TrajectoryFile
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from mace_lpcalc import __version__
+
+FORMAT_NAME = "mace_lpcalc.trajectory"
+FORMAT_VERSION = 1
+
+#: Units attribute of every per-frame dataset.
+UNITS = {
+    "coordinates": "nanometers",
+    "time": "picoseconds",
+    "cell_lengths": "nanometers",
+    "cell_angles": "degrees",
+    "step": "dimensionless",
+    "potential_energy": "eV",
+    "kinetic_energy": "eV",
+    "total_energy": "eV",
+    "conserved_energy": "eV",
+    "temperature": "kelvin",
+    "pressure": "bar",
+    "stress": "eV/Angstrom^3",
+    "volume": "Angstrom^3",
+    "density": "g/cm^3",
+    "wall_time_per_step": "s",
+}
+_CELL_DATASETS = ("cell_lengths", "cell_angles", "pressure", "stress", "volume", "density")
+_NM_PER_ANGSTROM = 0.1
+_CM3_PER_ANGSTROM3 = 1e-24
+
+
+class TrajectoryError(ValueError):
+    """A trajectory file is missing, foreign, corrupt, or a frame does not fit it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Frame:
+    """One logged MD frame in ASE units (Å, eV, K, eV/Å³); cell fields are None
+    for systems that are not periodic in three dimensions."""
+
+    step: int
+    time_ps: float
+    positions_A: np.ndarray  # (n_atoms, 3), unwrapped
+    potential_energy_eV: float
+    kinetic_energy_eV: float
+    conserved_energy_eV: float
+    temperature_K: float
+    wall_time_per_step_s: float
+    cell_A: np.ndarray | None = None  # (3, 3), rows are the cell vectors
+    stress_eV_A3: np.ndarray | None = None  # (6,) Voigt, ideal gas included
+
+
+def is_periodic(atoms: Atoms) -> bool:
+    """True when ``atoms`` is periodic in all three directions with a 3D cell."""
+    return bool(atoms.pbc.all()) and atoms.cell.rank == 3
+
+
+def frame_from_atoms(atoms: Atoms, step: int, time_ps: float, conserved_energy_eV: float,
+                     wall_time_per_step_s: float) -> Frame:
+    """Snapshot ``atoms`` (with a calculator holding current results) as a :class:`Frame`."""
+    periodic = is_periodic(atoms)
+    return Frame(
+        step=int(step),
+        time_ps=float(time_ps),
+        positions_A=atoms.get_positions(),
+        potential_energy_eV=float(atoms.get_potential_energy()),
+        kinetic_energy_eV=float(atoms.get_kinetic_energy()),
+        conserved_energy_eV=float(conserved_energy_eV),
+        temperature_K=float(atoms.get_temperature()),
+        wall_time_per_step_s=float(wall_time_per_step_s),
+        cell_A=np.array(atoms.cell) if periodic else None,
+        stress_eV_A3=atoms.get_stress(include_ideal_gas=True) if periodic else None,
+    )
+
+
+def mdtraj_topology(atoms: Atoms) -> mdtraj.Topology:
+    """An MDTraj topology with one residue per bonded molecule (bonded: closer than
+    1.2 × the sum of covalent radii, minimum image). Residues are named by Hill
+    formula, water as ``HOH``."""
+    first, second = neighbor_list("ij", atoms, natural_cutoffs(atoms, mult=1.2))
+    n_atoms = len(atoms)
+    adjacency = coo_matrix((np.ones(len(first)), (first, second)), shape=(n_atoms, n_atoms))
+    n_molecules, molecule_of_atom = connected_components(adjacency, directed=False)
+    # Residues numbered in order of their first atom, so atom order is preserved.
+    order = {label: rank for rank, label in enumerate(dict.fromkeys(molecule_of_atom))}
+    topology = mdtraj.Topology()
+    chain = topology.add_chain()
+    residues = [None] * n_molecules
+    symbols = atoms.get_chemical_symbols()
+    for index, label in enumerate(molecule_of_atom):
+        rank = order[label]
+        if residues[rank] is None:
+            formula = atoms[molecule_of_atom == label].get_chemical_formula("hill")
+            residues[rank] = topology.add_residue("HOH" if formula == "H2O" else formula,
+                                                  chain, resSeq=rank + 1)
+        topology.add_atom(symbols[index], mdtraj.element.get_by_symbol(symbols[index]),
+                          residues[rank])
+    topology_atoms = list(topology.atoms)
+    for i, j in zip(first, second, strict=True):
+        if i < j:
+            topology.add_bond(topology_atoms[i], topology_atoms[j])
+    return topology
+
+
+class TrajectoryWriter:
+    """Appends :class:`Frame` objects to a trajectory file, validating each.
+
+    Use :meth:`create` for a new file and :meth:`reopen` to continue a run; both
+    return a context manager.
+    """
+
+    def __init__(self, path: Path, handle: h5py.File):
+        self.path = path
+        self._file = handle
+        self.n_atoms = int(handle.attrs["n_atoms"])
+        self.periodic = bool(handle.attrs["periodic"])
+        # "step" goes last in every append: its length counts the complete frames.
+        names = [name for name in UNITS if name != "step"
+                 and (self.periodic or name not in _CELL_DATASETS)] + ["step"]
+        self._datasets = {name: handle[name] for name in names}
+        self._mass_g = float(handle["masses"][:].sum()) * units._amu * 1e3
+        steps = handle["step"]
+        self.last_step = int(steps[-1]) if len(steps) else None
+
+    @classmethod
+    def create(cls, path, atoms: Atoms, metadata: dict, *, overwrite: bool = False):
+        """Start a new trajectory for ``atoms``; ``metadata`` becomes root attributes
+        (dicts and lists as JSON). Refuses an existing file unless ``overwrite``."""
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} already exists; choose another output file, "
+                                  "pass overwrite to replace it, or resume to continue it")
+        if atoms.pbc.all() and atoms.cell.rank < 3:
+            raise TrajectoryError("structure is periodic in all directions but its cell "
+                                  f"is degenerate: {atoms.cell.tolist()}")
+        periodic = is_periodic(atoms)
+        handle = h5py.File(path, "w")
+        try:
+            root = handle.attrs
+            root.update({"conventions": "Pande", "conventionVersion": "1.1",
+                         "program": "mace_lpcalc", "programVersion": __version__,
+                         "application": "mace_lpcalc",
+                         "title": str(metadata.get("protocol", "MD")),
+                         "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                         "n_atoms": len(atoms), "periodic": int(periodic)})
+            _set_attributes(handle, metadata)
+            topology = HDF5TrajectoryFile.convert_topology_to_dict(mdtraj_topology(atoms))
+            handle.create_dataset("topology", data=np.array([json.dumps(topology).encode()]))
+            handle.create_dataset("masses", data=atoms.get_masses()).attrs["units"] = "amu"
+            for name in UNITS:
+                if periodic or name not in _CELL_DATASETS:
+                    _create_series(handle, name, len(atoms))
+            handle.flush()
+        except BaseException:
+            handle.close()
+            raise
+        return cls(path, handle)
+
+    @classmethod
+    def reopen(cls, path, *, keep_through_step: int, n_atoms: int, metadata=None):
+        """Open an existing trajectory to continue it, discarding frames after
+        ``keep_through_step`` (they are re-run from the checkpoint at that step);
+        ``metadata`` updates root attributes."""
+        path = Path(path)
+        _check_readable(path)
+        handle = h5py.File(path, "r+")
+        try:
+            _check_format(path, handle)
+            if int(handle.attrs["n_atoms"]) != n_atoms:
+                raise TrajectoryError(f"{path} holds {handle.attrs['n_atoms']} atoms, "
+                                      f"the checkpoint {n_atoms}")
+            n_keep = int(np.count_nonzero(handle["step"][:] <= keep_through_step))
+            for name in UNITS:
+                if name in handle:
+                    if handle[name].shape[0] < n_keep:
+                        raise TrajectoryError(f"{path} is corrupt: dataset {name!r} has "
+                                              f"fewer frames than 'step'")
+                    handle[name].resize(n_keep, axis=0)
+            _set_attributes(handle, metadata or {})
+            handle.flush()
+        except BaseException:
+            handle.close()
+            raise
+        return cls(path, handle)
+
+    def append(self, frame: Frame) -> None:
+        """Validate ``frame`` against the file, write it and flush."""
+        values = self._validated(frame)
+        n_frames = self._datasets["step"].shape[0]
+        for name, dataset in self._datasets.items():
+            dataset.resize(n_frames + 1, axis=0)
+            dataset[n_frames] = values[name]
+        self._file.flush()
+        self.last_step = frame.step
+
+    def _validated(self, frame: Frame) -> dict:
+        if not isinstance(frame, Frame):
+            raise TrajectoryError(f"expected a Frame, got {type(frame).__name__}")
+        if not isinstance(frame.step, (int, np.integer)):
+            raise TrajectoryError(f"{self.path}: frame step must be an integer, got "
+                                  f"{frame.step!r}")
+        positions = np.asarray(frame.positions_A, dtype=float)
+        if positions.shape != (self.n_atoms, 3):
+            raise TrajectoryError(f"{self.path}: frame at step {frame.step} has positions of "
+                                  f"shape {positions.shape}, the file holds "
+                                  f"({self.n_atoms}, 3)")
+        if self.last_step is not None and frame.step <= self.last_step:
+            raise TrajectoryError(f"{self.path}: frame step {frame.step} does not follow "
+                                  f"the last written step {self.last_step}")
+        scalars = {"time": frame.time_ps, "potential_energy": frame.potential_energy_eV,
+                   "kinetic_energy": frame.kinetic_energy_eV,
+                   "conserved_energy": frame.conserved_energy_eV,
+                   "temperature": frame.temperature_K}
+        checked = {"coordinates": positions, **scalars}
+        values = {"step": int(frame.step), "wall_time_per_step": frame.wall_time_per_step_s,
+                  "total_energy": frame.potential_energy_eV + frame.kinetic_energy_eV,
+                  **scalars}
+        if self.periodic:
+            if frame.cell_A is None or frame.stress_eV_A3 is None:
+                raise TrajectoryError(f"{self.path}: periodic trajectory needs cell and "
+                                      f"stress, frame at step {frame.step} lacks them")
+            cell = np.asarray(frame.cell_A, dtype=float)
+            stress = np.asarray(frame.stress_eV_A3, dtype=float)
+            if cell.shape != (3, 3) or stress.shape != (6,):
+                raise TrajectoryError(f"{self.path}: frame at step {frame.step} has cell "
+                                      f"{cell.shape} and stress {stress.shape}, expected "
+                                      "(3, 3) and (6,)")
+            checked.update(cell=cell, stress=stress)
+            volume = abs(np.linalg.det(cell))
+            cell_parameters = Cell(cell).cellpar()
+            if not _is_lower_triangular(cell):
+                positions = positions @ Cell(cell).standard_form()[1].T
+            values.update(cell_lengths=cell_parameters[:3] * _NM_PER_ANGSTROM,
+                          cell_angles=cell_parameters[3:], stress=stress, volume=volume,
+                          pressure=-stress[:3].mean() / units.bar,
+                          density=self._mass_g / (volume * _CM3_PER_ANGSTROM3))
+        elif frame.cell_A is not None or frame.stress_eV_A3 is not None:
+            raise TrajectoryError(f"{self.path}: the trajectory is not periodic but frame "
+                                  f"at step {frame.step} has a cell or stress")
+        for name, value in checked.items():
+            if not np.all(np.isfinite(value)):
+                raise TrajectoryError(f"{self.path}: frame at step {frame.step} has "
+                                      f"non-finite {name}; not written")
+        values["coordinates"] = positions * _NM_PER_ANGSTROM
+        return values
+
+    def close(self) -> None:
+        if self._file.id.valid:
+            self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def _set_attributes(handle: h5py.File, metadata: dict) -> None:
+    for key, value in metadata.items():
+        handle.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+
+
+def _is_lower_triangular(cell: np.ndarray) -> bool:
+    return cell[0, 1] == 0 and cell[0, 2] == 0 and cell[1, 2] == 0
+
+
+def _create_series(handle: h5py.File, name: str, n_atoms: int) -> None:
+    frame_shape = {"coordinates": (n_atoms, 3), "cell_lengths": (3,), "cell_angles": (3,),
+                   "stress": (6,)}.get(name, ())
+    dtype = {"coordinates": np.float32, "cell_lengths": np.float32,
+             "cell_angles": np.float32, "step": np.int64}.get(name, np.float64)
+    frame_bytes = np.dtype(dtype).itemsize * int(np.prod(frame_shape, dtype=int))
+    frames_per_chunk = int(np.clip(2**16 // frame_bytes, 1, 1024))
+    dataset = handle.create_dataset(name, shape=(0, *frame_shape), dtype=dtype,
+                                    maxshape=(None, *frame_shape),
+                                    chunks=(frames_per_chunk, *frame_shape))
+    dataset.attrs["units"] = UNITS[name]
+
+
+def _check_readable(path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"trajectory file not found: {path}")
+    if not h5py.is_hdf5(path):
+        raise TrajectoryError(f"{path} is not an HDF5 file")
+
+
+def _check_format(path: Path, handle: h5py.File) -> None:
+    if handle.attrs.get("format") != FORMAT_NAME:
+        raise TrajectoryError(f"{path} is an HDF5 file but not a mace_lpcalc trajectory "
+                              "(no 'format' attribute naming it)")
+    if int(handle.attrs["format_version"]) > FORMAT_VERSION:
+        raise TrajectoryError(f"{path} has format version {handle.attrs['format_version']}, "
+                              f"newer than this reader's {FORMAT_VERSION}")
+    names = [name for name in UNITS
+             if bool(handle.attrs["periodic"]) or name not in _CELL_DATASETS]
+    missing = [name for name in (*names, "topology", "masses") if name not in handle]
+    if missing:
+        raise TrajectoryError(f"{path} is corrupt: missing datasets {missing}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrajectoryData:
+    """A trajectory read into memory: per-frame ``arrays`` in file ``units``, the
+    per-atom ``masses`` (amu) and the root ``attrs`` (JSON attributes decoded)."""
+
+    path: Path
+    attrs: dict
+    arrays: dict
+    units: dict
+    masses: np.ndarray
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+    @property
+    def n_frames(self) -> int:
+        return len(self.arrays["step"])
+
+    @property
+    def n_atoms(self) -> int:
+        return int(self.attrs["n_atoms"])
+
+
+def read_trajectory(path, names=None) -> TrajectoryData:
+    """Read a trajectory written by :class:`TrajectoryWriter`: all its per-frame
+    datasets, or only those in ``names``.
+
+    Raises FileNotFoundError for a missing file and :class:`TrajectoryError`, naming
+    the file, for one that is not HDF5, not a mace_lpcalc trajectory, or corrupt.
+    Frames a killed writer left half-appended are not returned.
+    """
+    path = Path(path)
+    _check_readable(path)
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as err:
+        raise TrajectoryError(f"{path} is a corrupt HDF5 file ({err})") from err
+    with handle:
+        _check_format(path, handle)
+        n_frames = handle["step"].shape[0]
+        arrays, file_units = {}, {}
+        for name in UNITS if names is None else names:
+            if name not in UNITS:
+                raise ValueError(f"{name!r} is not a trajectory dataset; known: {list(UNITS)}")
+            if name in handle:
+                if handle[name].shape[0] < n_frames:
+                    raise TrajectoryError(f"{path} is corrupt: dataset {name!r} has fewer "
+                                          "frames than 'step'")
+                arrays[name] = handle[name][:n_frames]
+                file_units[name] = str(handle[name].attrs["units"])
+        attrs = {key: _decoded(value) for key, value in handle.attrs.items()}
+        return TrajectoryData(path=path, attrs=attrs, arrays=arrays, units=file_units,
+                              masses=handle["masses"][:])
+
+
+def _decoded(value):
+    if isinstance(value, str) and value[:1] in "{[":
+        return json.loads(value)
+    return value.item() if isinstance(value, np.generic) else value
