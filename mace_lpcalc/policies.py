@@ -164,7 +164,24 @@ class BlockMatmul(torch.nn.Module):
         return x @ weight
 
 
-class IrrepBlockLinear(torch.nn.Module):
+class _OperandCache(torch.nn.Module):
+    """Holds the 16-bit copy of a weight, remade only when the fp32 parameter changes.
+
+    While the parameter trains (``requires_grad``) the copy is made on every call, so the
+    gradient reaches the fp32 master weight; in inference the cast is done once, which also
+    keeps it out of captured CUDA graphs.
+    """
+
+    def operand(self, parameter: torch.Tensor, build):
+        if parameter.requires_grad:
+            return build()
+        key = (parameter._version, parameter.data_ptr(), parameter.device)
+        if getattr(self, "_operand_key", None) != key:
+            self._operand_value, self._operand_key = build(), key
+        return self._operand_value
+
+
+class IrrepBlockLinear(_OperandCache):
     """An equivariant Linear run as one matmul per irrep block, with 16-bit operands.
 
     ``linear`` (the original e3nn or cuEquivariance layer) is kept as a child: its fp32
@@ -179,32 +196,38 @@ class IrrepBlockLinear(torch.nn.Module):
         irreps_in = o3.Irreps(str(linear.irreps_in))
         irreps_out = o3.Irreps(str(linear.irreps_out))
         self.layout, self.blocks = _probe_blocks(linear, irreps_in, irreps_out)
-        self.dim_out = irreps_out.dim
+
+    def _block_weights(self) -> list[torch.Tensor | None]:
+        """Per output block, the stacked (sum of mul_in, mul_out) matrix in 16 bits."""
+        weight = self.linear.weight.reshape(-1)
+        return [torch.cat([source.alpha * weight[source.w_start:source.w_start + source.mul_in
+                                                 * block.mul_out].view(source.mul_in,
+                                                                       block.mul_out)
+                           for source in block.sources]).to(self.operand_dtype)
+                if block.sources else None for block in self.blocks]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.linear.weight.reshape(-1)
+        block_weights = self.operand(self.linear.weight, self._block_weights)
         rows = x.shape[0]
         pieces = []
-        for block in self.blocks:
-            if not block.sources:  # an output irrep no input reaches: zero, as in e3nn
+        for block, block_weight in zip(self.blocks, block_weights):
+            if block_weight is None:  # an output irrep no input reaches: zero, as in e3nn
                 pieces.append(x.new_zeros(rows, block.mul_out * block.ir_dim))
                 continue
-            features, weights = [], []
+            features = []
             for source in block.sources:
                 part = x[:, source.in_start:source.in_start + source.mul_in * block.ir_dim]
                 if self.layout == "mul_ir":
                     part = part.reshape(rows, source.mul_in, block.ir_dim).transpose(1, 2)
                 features.append(part.reshape(rows * block.ir_dim, source.mul_in))
-                weights.append(source.alpha * weight[source.w_start:source.w_start
-                               + source.mul_in * block.mul_out].view(source.mul_in, block.mul_out))
             # One product over all sources, so the whole sum accumulates in fp32.
-            out = self.matmul(torch.cat(features, dim=1).to(self.operand_dtype),
-                              torch.cat(weights, dim=0).to(self.operand_dtype))
+            stacked = features[0] if len(features) == 1 else torch.cat(features, dim=1)
+            out = self.matmul(stacked.to(self.operand_dtype), block_weight)
             out = out.to(x.dtype).reshape(rows, block.ir_dim, block.mul_out)
             if self.layout == "mul_ir":
                 out = out.transpose(1, 2)
             pieces.append(out.reshape(rows, block.mul_out * block.ir_dim))
-        return torch.cat(pieces, dim=1)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,7 +323,7 @@ def _verify_blocks(linear, blocks, irreps_in, layout):
     weight = linear.weight
     x = torch.randn(5, irreps_in.dim, dtype=weight.dtype, device=weight.device)
     rebuilt = IrrepBlockLinear.__new__(IrrepBlockLinear)
-    torch.nn.Module.__init__(rebuilt)
+    _OperandCache.__init__(rebuilt)
     rebuilt.linear, rebuilt.operand_dtype, rebuilt.matmul = linear, weight.dtype, BlockMatmul()
     rebuilt.layout, rebuilt.blocks = layout, blocks
     with torch.no_grad():
@@ -311,7 +334,7 @@ def _verify_blocks(linear, blocks, irreps_in, layout):
         raise _LayoutMismatch(f"block reconstruction is off by {float(error):.2e} (relative)")
 
 
-class DenseLayer16(torch.nn.Module):
+class DenseLayer16(_OperandCache):
     """An e3nn ``FullyConnectedNet`` layer (radial MLP) with 16-bit operands.
 
     Same arithmetic as ``e3nn.nn._fc._Layer``: ``act(x @ W / sqrt(h_in var_in)) sqrt(var_out)``.
@@ -323,20 +346,23 @@ class DenseLayer16(torch.nn.Module):
         self.operand_dtype = operand_dtype
         self.matmul = BlockMatmul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _scaled_weight(self) -> torch.Tensor:
         layer = self.layer
         if layer.act is not None:
             scale = (layer.h_in * layer.var_in) ** -0.5
         else:
             scale = (layer.h_in * layer.var_in / layer.var_out) ** -0.5
-        weight = (layer.weight * scale).to(self.operand_dtype)
+        return (layer.weight * scale).to(self.operand_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.operand(self.layer.weight, self._scaled_weight)
         out = self.matmul(x.to(self.operand_dtype), weight).to(x.dtype)
-        if layer.act is not None:
-            out = layer.act(out) * layer.var_out ** 0.5
+        if self.layer.act is not None:
+            out = self.layer.act(out) * self.layer.var_out ** 0.5
         return out
 
 
-class TorchLinear16(torch.nn.Module):
+class TorchLinear16(_OperandCache):
     """A ``torch.nn.Linear`` (mace's newer RadialMLP) with 16-bit operands."""
 
     def __init__(self, linear: torch.nn.Linear, operand_dtype: torch.dtype):
@@ -346,8 +372,9 @@ class TorchLinear16(torch.nn.Module):
         self.matmul = BlockMatmul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.matmul(x.to(self.operand_dtype),
-                          self.linear.weight.t().to(self.operand_dtype)).to(x.dtype)
+        weight = self.operand(self.linear.weight,
+                              lambda: self.linear.weight.t().to(self.operand_dtype))
+        out = self.matmul(x.to(self.operand_dtype), weight).to(x.dtype)
         return out if self.linear.bias is None else out + self.linear.bias
 
 

@@ -16,14 +16,14 @@ from scipy.spatial.transform import Rotation
 _WATER = np.array([[0.0, 0.0, 0.0], [0.9572, 0.0, 0.0],
                    [0.9572 * np.cos(np.radians(104.52)), 0.9572 * np.sin(np.radians(104.52)), 0.0]])
 _WATER_MASS_G = 18.01528
-_MIN_INTERMOLECULAR_A = 1.7
+_MIN_INTERMOLECULAR_A = 1.6
 
 
 def water_box(n_molecules: int, density_g_cm3: float = 1.0, seed: int = 0) -> Atoms:
     """A cubic periodic box of ``n_molecules`` rigid-geometry waters at the given density.
 
-    Molecules sit on a simple-cubic lattice (the first ``n_molecules`` sites) with
-    random orientations, re-drawn until no atom of one molecule is closer than 1.7 Å
+    Molecules sit on a simple-cubic lattice (even-parity sites first) with random
+    orientations, re-drawn until no atom of one molecule is closer than 1.6 Å
     (minimum image) to an atom of another.
     """
     if n_molecules < 1:
@@ -35,13 +35,16 @@ def water_box(n_molecules: int, density_g_cm3: float = 1.0, seed: int = 0) -> At
     per_side = int(np.ceil(n_molecules ** (1.0 / 3.0)))
     spacing = box / per_side
     rng = np.random.default_rng(seed)
-    sites = np.array([(i, j, k) for i in range(per_side) for j in range(per_side)
-                      for k in range(per_side)][:n_molecules], dtype=float)
+    # Even-parity sites first, so a box that fills only part of the lattice gets an
+    # fcc-like arrangement with neighbours sqrt(2) lattice spacings apart.
+    lattice = sorted(((i, j, k) for i in range(per_side) for j in range(per_side)
+                      for k in range(per_side)), key=lambda site: (sum(site) % 2, site))
+    sites = np.array(lattice[:n_molecules], dtype=float)
     centre = _WATER.mean(axis=0)
     placed: list[np.ndarray] = []
     for site in sites:
         origin = (site + 0.5) * spacing
-        for _attempt in range(200):
+        for _attempt in range(2000):
             rotated = Rotation.random(random_state=rng).apply(_WATER - centre) + origin
             if not placed or _min_image_distance(rotated, np.concatenate(placed), box) \
                     >= _MIN_INTERMOLECULAR_A:

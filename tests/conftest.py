@@ -23,3 +23,21 @@ def water8():
     atoms = water_box(8, seed=1)
     atoms.positions += np.random.default_rng(0).normal(scale=0.03, size=atoms.positions.shape)
     return atoms
+
+
+@pytest.fixture
+def water_batch():
+    """A function returning mace's batch dictionary for a 4-molecule box (tiny model, fp32)."""
+    from mace import data as mace_data
+    from mace.tools import torch_geometric, utils
+
+    atoms = water_box(4, seed=3)
+    z_table = utils.AtomicNumberTable([1, 6, 8])
+
+    def make():
+        config = mace_data.config_from_atoms(atoms)
+        graph = mace_data.AtomicData.from_config(config, z_table=z_table, cutoff=4.0)
+        batch = torch_geometric.Batch.from_data_list([graph]).to_dict()
+        return {key: value.float() if torch.is_tensor(value) and value.is_floating_point()
+                else value for key, value in batch.items()}
+    return make
