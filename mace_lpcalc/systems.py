@@ -9,13 +9,14 @@ from __future__ import annotations
 import numpy as np
 from ase import Atoms
 from ase.build import bulk
+from ase.data import atomic_masses
 from ase.units import _amu
 from scipy.spatial.transform import Rotation
 
 #: TIP3P-like geometry of one water molecule (O at the origin), Å.
 _WATER = np.array([[0.0, 0.0, 0.0], [0.9572, 0.0, 0.0],
                    [0.9572 * np.cos(np.radians(104.52)), 0.9572 * np.sin(np.radians(104.52)), 0.0]])
-_WATER_MASS_G = 18.01528
+_WATER_MASS_G_MOL = float(atomic_masses[8] + 2 * atomic_masses[1])  # ASE's masses, as MD uses
 _MIN_INTERMOLECULAR_A = 1.6
 
 
@@ -30,7 +31,7 @@ def water_box(n_molecules: int, density_g_cm3: float = 1.0, seed: int = 0) -> At
         raise ValueError(f"n_molecules must be positive, got {n_molecules}")
     if not 0.1 <= density_g_cm3 <= 3.0:
         raise ValueError(f"density_g_cm3={density_g_cm3} is not a liquid water density")
-    volume_A3 = n_molecules * _WATER_MASS_G / (density_g_cm3 * 6.02214076e23) * 1e24
+    volume_A3 = n_molecules * _WATER_MASS_G_MOL * _amu * 1e3 / density_g_cm3 * 1e24
     box = volume_A3 ** (1.0 / 3.0)
     per_side = int(np.ceil(n_molecules ** (1.0 / 3.0)))
     spacing = box / per_side
