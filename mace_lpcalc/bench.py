@@ -189,6 +189,35 @@ def _measure(name, kind, build, atoms, device, warmup, repeats, langevin, energy
     return row
 
 
+def largest_water_box(*, model_spec: str, device: str, sizes: list[int], policies: list[str],
+                      backend: str) -> dict:
+    """Per policy, evaluate growing water boxes until one no longer fits in device memory."""
+    rows = []
+    for policy in policies:
+        for n_molecules in sorted(sizes):
+            atoms = water_box(n_molecules, seed=0)
+            reset_peak_memory(device)
+            row = {"policy": policy, "backend": backend, "n_atoms": len(atoms)}
+            try:
+                calc = LowPrecisionMACECalculator(models=make_model(model_spec), device=device,
+                                                  policy=policy, backend=backend)
+                row["energy_forces_ms"] = median_ms(energy_forces_call(calc, atoms), device,
+                                                    warmup=1, repeats=3)
+                row["fits"] = True
+                row["peak_memory_MB"] = peak_memory_mb(device)
+            except torch.cuda.OutOfMemoryError as err:
+                row.update(fits=False, error=str(err).splitlines()[0][:200])
+            calc = None
+            rows.append(row)
+            print(row, flush=True)
+            if not row["fits"]:
+                break
+    return {"benchmark": "largest water box per policy", "model": model_spec, "device": device,
+            "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": _package_versions() | {"cuda": torch.version.cuda}, "rows": rows}
+
+
 def _add_speedups(rows: list[dict]) -> None:
     """Ratios against each baseline at the same size, and ns/day, MeSteps/day at 1 fs."""
     rows = [row for row in rows if "error" not in row]
@@ -229,13 +258,21 @@ def main(argv=None) -> None:
                         help="time our calculator on mace's per-call graph construction")
     parser.add_argument("--skins", type=float, nargs="+", default=[0.0],
                         help="Verlet skins (Å) of the fast path to compare")
+    parser.add_argument("--largest-box", action="store_true",
+                        help="instead: per policy, grow the box through --sizes until it "
+                             "no longer fits in memory (first backend only)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
-    result = run_benchmark(model_spec=args.model, device=args.device, sizes=args.sizes,
-                           policies=args.policies, backends=args.backends, warmup=args.warmup,
-                           repeats=args.repeats, langevin=not args.no_langevin,
-                           baselines=not args.no_baselines,
-                           fast_path=False if args.no_fast_path else "auto", skins=args.skins)
+    if args.largest_box:
+        result = largest_water_box(model_spec=args.model, device=args.device, sizes=args.sizes,
+                                   policies=args.policies, backend=args.backends[0])
+    else:
+        result = run_benchmark(model_spec=args.model, device=args.device, sizes=args.sizes,
+                               policies=args.policies, backends=args.backends,
+                               warmup=args.warmup, repeats=args.repeats,
+                               langevin=not args.no_langevin, baselines=not args.no_baselines,
+                               fast_path=False if args.no_fast_path else "auto",
+                               skins=args.skins)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
