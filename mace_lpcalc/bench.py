@@ -242,6 +242,26 @@ def _format_row(row: dict) -> str:
             f"relF {row['force_relative_error']:.1e}  setup {row['setup_s']:.1f} s")
 
 
+def markdown_table(result: dict, key: str = "langevin_step_ms") -> str:
+    """A Markdown table of one timing column: rows are configurations, columns sizes."""
+    rows = [row for row in result["rows"] if key in row]
+    sizes = sorted({row["n_atoms"] for row in rows})
+    names = list(dict.fromkeys(row["name"] for row in rows))
+    lines = [f"| {key} | " + " | ".join(f"{n} atoms" for n in sizes) + " |",
+             "|---|" + "---|" * len(sizes)]
+    for name in names:
+        cells = []
+        for n_atoms in sizes:
+            row = next((r for r in rows if r["name"] == name and r["n_atoms"] == n_atoms), None)
+            if row is None:
+                cells.append("")
+                continue
+            speedup = row.get(f"speedup_{key.removesuffix('_ms')}_vs_mace-cueq-fp32")
+            cells.append(f"{row[key]:.1f}" + (f" ({speedup:.1f}×)" if speedup else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="off24m", help="off24m, tiny, or a .model path")
@@ -262,7 +282,16 @@ def main(argv=None) -> None:
                         help="instead: per policy, grow the box through --sizes until it "
                              "no longer fits in memory (first backend only)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--table", type=Path, nargs="+",
+                        help="instead: print Markdown tables of these result files")
+    parser.add_argument("--column", default="langevin_step_ms",
+                        help="timing column for --table (energy_forces_ms, langevin_step_ms)")
     args = parser.parse_args(argv)
+    if args.table:
+        merged = {"rows": [row for path in args.table
+                           for row in json.loads(Path(path).read_text())["rows"]]}
+        print(markdown_table(merged, args.column))
+        return
     if args.largest_box:
         result = largest_water_box(model_spec=args.model, device=args.device, sizes=args.sizes,
                                    policies=args.policies, backend=args.backends[0])
@@ -274,9 +303,14 @@ def main(argv=None) -> None:
                                fast_path=False if args.no_fast_path else "auto",
                                skins=args.skins)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
+        write_json(args.out, result)
+
+
+def write_json(path: Path, result: dict) -> None:
+    """Write a result file (creating its folder) and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,6 @@ import bisect
 import contextlib
 import datetime
 import itertools
-import json
 import statistics
 from pathlib import Path
 
@@ -53,7 +52,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
-from .bench import energy_forces_call, make_model, median_ms, synchronize
+from .bench import energy_forces_call, make_model, median_ms, synchronize, write_json
 from .calculator import LowPrecisionMACECalculator, _package_versions
 from .policies import (
     POLICIES,
@@ -541,9 +540,7 @@ def main(argv=None) -> None:
                          steps=args.steps, trace=args.trace)
     print(format_report(result))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

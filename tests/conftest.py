@@ -17,6 +17,16 @@ def tiny_model_factory():
     return lambda: build_tiny_model()
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models gain nothing from threads, and threads on a busy machine thrash; exact
+    equality between processes also needs the same thread count in each."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def water8():
     """8 water molecules (24 atoms), periodic, 1 g/cm³, slightly distorted from rigid geometry."""

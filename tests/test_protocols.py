@@ -35,12 +35,7 @@ EMT_CU_LATTICE_A = 3.5898  # EMT's 0 K fcc copper lattice constant (ase.eos fit)
 EMT_CU_BULK_MODULUS_GPA = 134.3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
