@@ -28,7 +28,7 @@ from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from mace.calculators import MACECalculator
 
-from .calculator import LowPrecisionMACECalculator, _package_versions
+from .calculator import LowPrecisionMACECalculator, package_versions
 from .models import build_off24m_shaped_model, build_tiny_model, load_model
 from .policies import POLICIES
 from .systems import water_box
@@ -155,7 +155,7 @@ def run_benchmark(*, model_spec: str, device: str, sizes: list[int], policies: l
         "device": device,
         "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _package_versions() | {"cuda": torch.version.cuda},
+        "versions": package_versions() | {"cuda": torch.version.cuda},
         "warmup": warmup, "repeats": repeats, "statistic": "median",
         "rows": rows,
     }
@@ -215,7 +215,7 @@ def largest_water_box(*, model_spec: str, device: str, sizes: list[int], policie
     return {"benchmark": "largest water box per policy", "model": model_spec, "device": device,
             "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "versions": _package_versions() | {"cuda": torch.version.cuda}, "rows": rows}
+            "versions": package_versions() | {"cuda": torch.version.cuda}, "rows": rows}
 
 
 def _add_speedups(rows: list[dict]) -> None:

@@ -71,9 +71,13 @@ def _convert_backend(model: torch.nn.Module, backend: str, device: str) -> torch
         torch.set_default_dtype(saved_dtype)
 
 
-def _package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for package in ("mace-torch", "torch", "e3nn", "cuequivariance-torch", "ase", "mace_lpcalc"):
+def package_versions() -> dict[str, str]:
+    """Versions of Python and of every package a result depends on, for provenance."""
+    from mace_lpcalc import __version__
+    versions = {"python": platform.python_version(), "mace_lpcalc": __version__}
+    for package in ("mace-torch", "torch", "e3nn", "cuequivariance-torch",
+                    "cuequivariance-ops-torch-cu12", "cuequivariance-ops-torch-cu13", "ase",
+                    "numpy", "h5py", "mdtraj", "vesin-torch"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -125,6 +129,9 @@ class LowPrecisionMACECalculator(MACECalculator):
 
         models = self._load(model_paths) if model_paths is not None else (
             list(models) if isinstance(models, (list, tuple)) else [models])
+        # Hash the model as given, before any dtype or backend conversion, so every policy
+        # reports the same hash for the same model.
+        self._hashes = [model_hash(model) for model in models]
         prepared = []
         for model in models:
             try:
@@ -133,7 +140,6 @@ class LowPrecisionMACECalculator(MACECalculator):
                 raise CalculatorSetupError(str(err)) from None
             prepared.append(_convert_backend(model.to(self.policy.model_dtype), self.backend,
                                              torch_device.type))
-        self._hashes = [model_hash(model) for model in prepared]
         saved_dtype = torch.get_default_dtype()
         try:
             super().__init__(models=prepared, device=device,
@@ -159,7 +165,7 @@ class LowPrecisionMACECalculator(MACECalculator):
             device=str(torch_device),
             fast_path=self.engine is not None,
             skin_A=skin_A if self.engine is not None else None,
-            versions=_package_versions(),
+            versions=package_versions(),
         )
 
     @staticmethod

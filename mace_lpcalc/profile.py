@@ -53,7 +53,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
 from .bench import energy_forces_call, make_model, median_ms, synchronize, write_json
-from .calculator import LowPrecisionMACECalculator, _package_versions
+from .calculator import LowPrecisionMACECalculator, package_versions
 from .policies import (
     POLICIES,
     AutocastExempt,
@@ -482,7 +482,7 @@ def run_profile(*, model_spec: str, policy: str, backend: str, device: str, n_mo
         "model": model_spec, "policy": policy, "backend": calc.backend, "device": device,
         "gpu": torch.cuda.get_device_name(calc.device) if device.startswith("cuda") else None,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _package_versions() | {"cuda": torch.version.cuda},
+        "versions": package_versions() | {"cuda": torch.version.cuda},
         "settings": {"molecules": n_molecules, "n_atoms": len(atoms), "warmup": warmup,
                      "steps": steps, "gpu_bound_fraction": GPU_BOUND_FRACTION,
                      "torch_threads": torch.get_num_threads()},

@@ -177,6 +177,13 @@ def test_backends_agree_at_fp64(tiny_model_factory, water8):
     assert relative(s_cueq, s_e3nn) <= 1e-10
 
 
+def test_model_hash_is_the_same_under_every_policy_and_backend(tiny_model_factory):
+    hashes = {LowPrecisionMACECalculator(models=tiny_model_factory(), policy=policy,
+                                         backend=backend).parameters["model_hash"]
+              for policy in ("fp64", "fp32-linear-bf16") for backend in ("e3nn", "cuequivariance")}
+    assert len(hashes) == 1
+
+
 def test_provenance_in_parameters(tiny_model_factory):
     calc = LowPrecisionMACECalculator(models=tiny_model_factory(), policy="fp32-linear-bf16")
     params = calc.parameters

@@ -26,10 +26,8 @@ import dataclasses
 import io
 import json
 import os
-import platform
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import ClassVar
 
@@ -41,7 +39,8 @@ from ase.md.md import MolecularDynamics
 from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_momenta
 from tqdm.auto import tqdm
 
-from mace_lpcalc.calculator import BACKENDS, EXPLODING_FORCE_EV_A, LowPrecisionMACECalculator
+from mace_lpcalc.calculator import (BACKENDS, EXPLODING_FORCE_EV_A, LowPrecisionMACECalculator,
+                                    package_versions)
 from mace_lpcalc.models import build_tiny_model, default_model_path
 from mace_lpcalc.policies import POLICIES
 from mace_lpcalc.trajectory import (TrajectoryData, TrajectoryWriter, frame_from_atoms,
@@ -148,11 +147,7 @@ def build_calculator(settings: MDSettings) -> LowPrecisionMACECalculator:
 
 
 def _versions(calculator) -> dict:
-    versions = {"python": platform.python_version()}
-    for package in ("mace_lpcalc", "ase", "numpy", "h5py", "mdtraj"):
-        versions[package] = metadata.version(package)
-    versions.update(getattr(calculator, "parameters", {}).get("versions", {}))
-    return versions
+    return getattr(calculator, "parameters", {}).get("versions") or package_versions()
 
 
 @dataclasses.dataclass
