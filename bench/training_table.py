@@ -3,7 +3,12 @@
     python bench/training_table.py RUN/*/metrics.json --out table.json
 
 Prints the Markdown table (RMSE of energy and forces per split, intra/inter-molecular
-force errors on the test split, and the NVT stability check) and writes it as JSON.
+force errors, and the NVT stability check) and writes it as JSON.
+
+Runs stopped before writing metrics.json (only ``best.model`` and the log exist) can be
+evaluated afterwards, on the CPU, in the policy of their folder name:
+
+    python bench/training_table.py --evaluate RUN/* --data systems/water_reference
 """
 
 import argparse
@@ -12,7 +17,39 @@ from pathlib import Path
 
 import numpy as np
 
+from mace_lpcalc.policies import apply_policy
+from mace_lpcalc.train import error_metrics, make_split, predict, read_frames
+from mace_lpcalc.training_policies import get_training_policy
 from mace_lpcalc.trajectory import read_trajectory
+from mace.tools.utils import AtomicNumberTable
+import torch
+
+
+def evaluate(run_dir: Path, data: Path) -> Path:
+    """Write ``run_dir/metrics.json`` for its ``best.model`` on the valid and test splits."""
+    policy = get_training_policy(run_dir.name)
+    model = torch.load(run_dir / "best.model", map_location="cpu", weights_only=False)
+    model = apply_policy(model, policy.forward)
+    z_table = AtomicNumberTable([int(z) for z in model.atomic_numbers])
+    log = (run_dir.parent / f"{run_dir.name}.log")
+    epochs = [line for line in log.read_text().splitlines() if line.startswith("epoch ")] \
+        if log.is_file() else []
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(policy.forward.model_dtype)
+    try:
+        rmse = {}
+        for split in ("valid", "test"):
+            graphs = make_split(split, read_frames(data / f"{split}.xyz.gz"), z_table,
+                                float(model.r_max))
+            rmse[split] = error_metrics(graphs, predict(model, policy, graphs.graphs, 8))
+    finally:
+        torch.set_default_dtype(saved)
+    metrics = {"policy": policy.as_dict(), "device": "cpu (evaluation only)",
+               "epochs_run": len(epochs), "last_epoch_log": epochs[-1] if epochs else None,
+               "skipped_steps": None, "training_seconds": None, "rmse": rmse}
+    path = run_dir / "metrics.json"
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    return path
 
 
 def stability(run_dir: Path) -> dict:
@@ -28,14 +65,19 @@ def stability(run_dir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("metrics", nargs="+", type=Path)
+    parser.add_argument("metrics", nargs="*", type=Path)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--evaluate", nargs="+", type=Path, default=[],
+                        help="run folders holding best.model to evaluate first")
+    parser.add_argument("--data", type=Path, default=Path("systems/water_reference"))
     args = parser.parse_args()
+    args.metrics += [evaluate(run_dir, args.data) for run_dir in args.evaluate]
     rows = []
     for path in args.metrics:
         metrics = json.loads(path.read_text())
         row = {"policy": metrics["policy"]["name"], "device": metrics["device"],
                "epochs": metrics["epochs_run"], "skipped_steps": metrics["skipped_steps"],
+               "last_epoch_log": metrics.get("last_epoch_log"),
                "training_seconds": metrics["training_seconds"]}
         for split, values in metrics["rmse"].items():
             for key in ("energy_rmse_meV_per_atom", "forces_rmse_meV_A", "forces_rel_rmse_percent",
