@@ -87,13 +87,13 @@ def main() -> None:
         row.update(stability(path.parent))
         rows.append(row)
     print("| policy | split | E RMSE (meV/atom) | F RMSE (meV/Å) | rel. F (%) | "
-          "F intra / inter (meV/Å) | NVT 2 ps: T mean / max (K) |")
+          "F intra / inter (meV/Å) | NVT check: steps, T mean / max (K) |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         for split in ("train", "valid", "test"):
             if f"{split}_energy_rmse_meV_per_atom" not in row:
                 continue
-            nvt = (f"{row['nvt_T_mean_K']:.0f} / {row['nvt_T_max_K']:.0f}"
+            nvt = (f"{row['nvt_steps']}, {row['nvt_T_mean_K']:.0f} / {row['nvt_T_max_K']:.0f}"
                    if split == "valid" and "nvt_T_mean_K" in row else "")
             print(f"| {row['policy']} | {split} | {row[f'{split}_energy_rmse_meV_per_atom']:.2f} | "
                   f"{row[f'{split}_forces_rmse_meV_A']:.1f} | "
