@@ -267,10 +267,7 @@ class MDProtocol:
             self._draw_velocities(atoms)
         dynamics = self.build_dynamics(atoms, checkpoint.dynamics_state if checkpoint else None)
         start = dynamics.nsteps = checkpoint.step if checkpoint else 0
-        try:
-            problem = self._force_problem(atoms)
-        except CalculationFailed as err:
-            problem = str(err)
+        problem = self._problem_after(atoms)
         if problem:
             raise CalculationFailed(f"{checkpoint_path(out) if checkpoint else settings.structure}"
                                     f" at step {start}: {problem}")
@@ -296,6 +293,15 @@ class MDProtocol:
             wall_seconds = self._integrate(atoms, dynamics, writer, start, model_hash)
         return self._summary(out, settings.steps - start, wall_seconds)
 
+    def _problem_after(self, atoms, advance=None) -> str | None:
+        """Run ``advance`` (an MD step) if given, then check the forces; what went wrong."""
+        try:
+            if advance is not None:
+                advance()
+            return self._force_problem(atoms)
+        except CalculationFailed as err:
+            return str(err)
+
     def _integrate(self, atoms, dynamics, writer, start: int, model_hash: str) -> float:
         settings = self.settings
         progress = tqdm(total=settings.steps, initial=start, unit="step", disable=None,
@@ -304,11 +310,7 @@ class MDProtocol:
         last_logged = start
         with progress:
             for step in range(start + 1, settings.steps + 1):
-                try:
-                    dynamics.step()
-                    problem = self._force_problem(atoms)
-                except CalculationFailed as err:
-                    problem = str(err)
+                problem = self._problem_after(atoms, dynamics.step)
                 if problem:
                     raise CalculationFailed(f"step {step}: {problem}; {writer.path} is intact "
                                             f"up to step {writer.last_step}")
