@@ -188,14 +188,16 @@ class IrrepBlockLinear(_OperandCache):
     weight stays the trainable parameter and ``strip_policy`` restores it unchanged.
     """
 
-    def __init__(self, linear: torch.nn.Module, operand_dtype: torch.dtype):
+    def __init__(self, linear: torch.nn.Module, operand_dtype: torch.dtype,
+                 layout: str | None = None, blocks: list | None = None):
         super().__init__()
         self.linear = linear
         self.operand_dtype = operand_dtype
         self.matmul = BlockMatmul()
-        irreps_in = o3.Irreps(str(linear.irreps_in))
-        irreps_out = o3.Irreps(str(linear.irreps_out))
-        self.layout, self.blocks = _probe_blocks(linear, irreps_in, irreps_out)
+        if blocks is None:  # probe the layer; given blocks are only for verifying a probe
+            layout, blocks = _probe_blocks(linear, o3.Irreps(str(linear.irreps_in)),
+                                           o3.Irreps(str(linear.irreps_out)))
+        self.layout, self.blocks = layout, blocks
 
     def _block_weights(self) -> list[torch.Tensor | None]:
         """Per output block, the stacked (sum of mul_in, mul_out) matrix in 16 bits."""
@@ -322,10 +324,7 @@ def _probe_source(linear, dim_in, layout, in_start, mul_in, ir, out_index, mul_o
 def _verify_blocks(linear, blocks, irreps_in, layout):
     weight = linear.weight
     x = torch.randn(5, irreps_in.dim, dtype=weight.dtype, device=weight.device)
-    rebuilt = IrrepBlockLinear.__new__(IrrepBlockLinear)
-    _OperandCache.__init__(rebuilt)
-    rebuilt.linear, rebuilt.operand_dtype, rebuilt.matmul = linear, weight.dtype, BlockMatmul()
-    rebuilt.layout, rebuilt.blocks = layout, blocks
+    rebuilt = IrrepBlockLinear(linear, weight.dtype, layout, blocks)
     with torch.no_grad():
         expected, got = linear(x), rebuilt(x)
     tolerance = 1e-10 if weight.dtype == torch.float64 else 1e-4
