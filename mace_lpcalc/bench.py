@@ -72,13 +72,15 @@ def energy_forces_call(calc, atoms):
     return call
 
 
-def langevin_step_call(calc, atoms, seed: int = 0):
+def langevin_steps_call(calc, atoms, steps: int, seed: int = 0):
+    """``steps`` ASE Langevin steps per call (several, so that neighbour-list rebuilds,
+    which happen every few steps on the fast path, are part of every sample)."""
     atoms = atoms.copy()
     atoms.calc = calc
     MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(seed))
     dynamics = Langevin(atoms, timestep=1.0 * units.fs, temperature_K=300, friction=0.01,
                         rng=np.random.default_rng(seed))
-    return lambda: dynamics.run(1)
+    return lambda: dynamics.run(steps)
 
 
 def peak_memory_mb(device: str) -> float | None:
@@ -110,7 +112,8 @@ def model_only_call(calc, atoms):
 
 def run_benchmark(*, model_spec: str, device: str, sizes: list[int], policies: list[str],
                   backends: list[str], warmup: int, repeats: int, langevin: bool,
-                  baselines: bool = True, fast_path="auto", skins=(0.0,)) -> dict:
+                  baselines: bool = True, fast_path="auto", skins=(None,),
+                  langevin_block: int = 10) -> dict:
     """Time every configuration; returns the JSON-ready result dictionary."""
     rows = []
     for n_molecules in sizes:
@@ -133,15 +136,17 @@ def run_benchmark(*, model_spec: str, device: str, sizes: list[int], policies: l
             for policy in policies:
                 for skin in skins:
                     suffix = f"-skin{skin:g}" if len(skins) > 1 else ""
+                    skin_option = {} if skin is None else {"skin_A": skin}
                     configurations.append((
                         f"ours-{backend}-{policy}{suffix}", "ours",
-                        lambda b=backend, p=policy, s=skin: LowPrecisionMACECalculator(
+                        lambda b=backend, p=policy, o=skin_option: LowPrecisionMACECalculator(
                             models=make_model(model_spec), device=device, policy=p,
-                            backend=b, fast_path=fast_path, skin_A=s)))
+                            backend=b, fast_path=fast_path, **o)))
         for name, kind, build in configurations:
             reset_peak_memory(device)
             try:
-                row = _measure(name, kind, build, atoms, device, warmup, repeats, langevin,
+                row = _measure(name, kind, build, atoms, device, warmup, repeats,
+                               langevin_block if langevin and kind == "ours" else int(langevin),
                                energy64, forces64)
             except Exception as err:  # noqa: BLE001 -- record the failure, time the rest
                 row = {"name": name, "kind": kind, "n_atoms": n_atoms,
@@ -161,7 +166,8 @@ def run_benchmark(*, model_spec: str, device: str, sizes: list[int], policies: l
     }
 
 
-def _measure(name, kind, build, atoms, device, warmup, repeats, langevin, energy64, forces64):
+def _measure(name, kind, build, atoms, device, warmup, repeats, langevin_steps, energy64,
+             forces64):
     n_atoms = len(atoms)
     start = time.perf_counter()
     calc = build()
@@ -176,9 +182,11 @@ def _measure(name, kind, build, atoms, device, warmup, repeats, langevin, energy
                                         / np.linalg.norm(forces64))
     if name in BASELINES:
         row["model_only_ms"] = median_ms(model_only_call(calc, atoms), device, warmup, repeats)
-    if langevin:
-        row["langevin_step_ms"] = median_ms(langevin_step_call(calc, atoms), device,
-                                            warmup, repeats)
+    if langevin_steps:
+        # mace's calculator does the same work at every step: one step per sample suffices.
+        row["langevin_step_ms"] = median_ms(langevin_steps_call(calc, atoms, langevin_steps),
+                                            device, warmup, repeats) / langevin_steps
+        row["langevin_steps_per_sample"] = langevin_steps
     row["peak_memory_MB"] = peak_memory_mb(device)
     engine = getattr(calc, "engine", None)
     if engine is not None:
@@ -276,8 +284,11 @@ def main(argv=None) -> None:
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--no-fast-path", action="store_true",
                         help="time our calculator on mace's per-call graph construction")
-    parser.add_argument("--skins", type=float, nargs="+", default=[0.0],
-                        help="Verlet skins (Å) of the fast path to compare")
+    parser.add_argument("--skins", type=float, nargs="+", default=[None],
+                        help="Verlet skins (Å) of the fast path to compare (default: the "
+                             "calculator's)")
+    parser.add_argument("--langevin-block", type=int, default=10,
+                        help="Langevin steps per timed sample on the fast path")
     parser.add_argument("--largest-box", action="store_true",
                         help="instead: per policy, grow the box through --sizes until it "
                              "no longer fits in memory (first backend only)")
@@ -301,7 +312,7 @@ def main(argv=None) -> None:
                                warmup=args.warmup, repeats=args.repeats,
                                langevin=not args.no_langevin, baselines=not args.no_baselines,
                                fast_path=False if args.no_fast_path else "auto",
-                               skins=args.skins)
+                               skins=args.skins, langevin_block=args.langevin_block)
     if args.out:
         write_json(args.out, result)
 

@@ -99,13 +99,15 @@ class LowPrecisionMACECalculator(MACECalculator):
         fast_path: evaluate through :class:`mace_lpcalc.engine.MACEEngine` (persistent device
             state, GPU neighbour list, CUDA graphs). ``"auto"``: on CUDA for a single model.
             ``False`` uses mace's own per-call graph construction.
-        skin_A: Verlet skin of the fast path's neighbour list, Å.
+        skin_A: Verlet skin of the fast path's neighbour list, Å. It does not change the
+            results (the model sees only edges inside the cutoff), only how often the
+            list is rebuilt.
         use_cuda_graph: ``"auto"`` (on CUDA), True or False; fast path only.
         **kwargs: passed to mace's ``MACECalculator`` (``head``, ``energy_units_to_eV``, ...).
     """
 
     def __init__(self, model_paths=None, models=None, device: str = "cpu",
-                 policy="fp32", backend: str = "auto", fast_path="auto", skin_A: float = 0.0,
+                 policy="fp32", backend: str = "auto", fast_path="auto", skin_A: float = 1.0,
                  use_cuda_graph="auto", **kwargs):
         try:
             self.policy = get_policy(policy)

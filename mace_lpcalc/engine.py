@@ -6,11 +6,16 @@ then thousands of small kernel launches. :class:`MACEEngine` keeps the model inp
 the device between calls and per step only
 
 1. copies the new positions and cell in (one host-to-device copy),
-2. decides on the device whether the skin neighbour list is still valid (one flag read),
-   rebuilding it with vesin on the same device when not,
-3. replays a captured CUDA graph of energy + forces (+ stress) — or runs the model eagerly
-   on CPU, or where capture is impossible,
+2. decides on the device whether the Verlet list (built at ``r_max + skin``) is still
+   valid (one flag read), rebuilding it with vesin on the same device when not,
+3. replays a captured CUDA graph that first selects, from the Verlet list, the edges
+   shorter than ``r_max`` into fixed-capacity edge buffers, then evaluates energy +
+   forces (+ stress) — or runs the same code eagerly on CPU, or where capture is
+   impossible,
 4. copies the results out (one device-to-host copy).
+
+The selection makes the skin free for the model: it always sees exactly the edges
+inside the cutoff, while vesin runs only every few steps instead of at every step.
 
 The model is called exactly as mace's calculator calls it,
 ``model(batch, compute_stress=..., training=False)``, on a batch dictionary built from
@@ -18,9 +23,12 @@ persistent tensors. The batch has two graphs: graph 0 is the real system; graph 
 a few padding nodes with self-loop padding edges, whose periodic shift in graph 1's own
 large cell makes them longer than ``r_max``. MACE's radial cutoff zeroes such edges, so
 padding adds exactly nothing to graph 0 and never produces a zero-length edge (whose
-normalised spherical harmonics would be NaN). Edge buffers have a fixed capacity with
-headroom, so the captured graph stays valid while the edge count fluctuates; it is
-re-captured only when the edge count outgrows the capacity or the atom count changes.
+normalised spherical harmonics would be NaN). Padding edges cost as much model time as
+real ones, so the edge capacity has only a little headroom over the count inside the
+cutoff; the captured graph stays valid while that count fluctuates, and it is
+re-captured only when the count outgrows the capacity (detected from a count the graph
+writes beside the results; the call is then repeated with larger buffers) or the atom
+count changes.
 
 Results are returned as computed: NaN or infinite values are not masked, so callers can
 detect a failed evaluation.
@@ -42,6 +50,9 @@ logger = logging.getLogger(__name__)
 
 #: Edge capacities are rounded up to a multiple of this.
 _EDGE_CAPACITY_MULTIPLE = 64
+#: Verlet-list buffers are sized with this headroom over the list that needs them (they
+#: are refilled outside the graph, so outgrowing them costs only a re-capture).
+_CANDIDATE_HEADROOM = 1.1
 #: Padding edges are spread over this many padding nodes so that the scatter-adds into
 #: them do not all contend for one memory address.
 _PADDING_NODES = 8
@@ -61,16 +72,18 @@ class MACEEngine:
         r_max: the model's cutoff radius in Å.
         device: where the model and all per-step tensors live.
         skin_A: Verlet skin in Å (0 rebuilds the neighbour list whenever anything moved).
-            Skin edges cost model time (the edge count grows as ((r_max+skin)/r_max)³),
-            so the best value depends on model size and device; measure.
+            The model never sees skin edges; a larger skin means rarer rebuilds but a
+            longer list to select from at every step.
         use_cuda_graph: ``"auto"`` (on for CUDA devices), True or False.
-        edge_headroom: edge capacity as a multiple of the edge count that first needs it.
+        edge_headroom: edge capacity as a multiple of the in-cutoff edge count that first
+            needs it. Padding edges cost model time, so keep it small; outgrowing the
+            capacity costs one re-capture.
         head: the model head to evaluate; default as mace's calculator chooses.
     """
 
     def __init__(self, model: torch.nn.Module, *, z_table_atomic_numbers, r_max: float,
-                 device="cpu", skin_A: float = 0.0, use_cuda_graph="auto",
-                 edge_headroom: float = 1.25, head: str | None = None):
+                 device="cpu", skin_A: float = 1.0, use_cuda_graph="auto",
+                 edge_headroom: float = 1.05, head: str | None = None):
         self.device = torch.device(device)
         if use_cuda_graph not in ("auto", True, False):
             raise ValueError(
@@ -105,6 +118,9 @@ class MACEEngine:
         self._numbers: np.ndarray | None = None
         self._last_call_used_graph = False
         self.edge_capacity = 0
+        self.candidate_capacity = 0
+        #: Edges inside the cutoff at the last evaluation (what the model saw, unpadded).
+        self.n_edges = 0
 
     # ------------------------------------------------------------------ public API
 
@@ -145,17 +161,15 @@ class MACEEngine:
         host_in[:n_atoms] = positions
         host_in[n_atoms:] = cell
         self._device_in.copy_(self._host_in, non_blocking=True)
-        rebuilt = self.neighbors.update(self._device_in[:n_atoms], self._device_in[n_atoms:], pbc)
-        if rebuilt or self.edge_capacity == 0:
-            self._load_edges()
-
-        with torch.enable_grad():
-            self._run(bool(compute_stress))
-        if self._host_out is not self._out:
-            self._host_out.copy_(self._out, non_blocking=True)
-            torch.cuda.current_stream(self.device).synchronize()
-
-        out = self._host_out.numpy()
+        if self.neighbors.update(self._device_in[:n_atoms], self._device_in[n_atoms:], pbc):
+            self._load_candidates()
+        out = self._evaluate_and_read(bool(compute_stress))
+        n_edges = int(out[-1])
+        if n_edges > self.edge_capacity:  # more edges entered the cutoff than it holds
+            self._allocate_edges(n_edges)
+            out = self._evaluate_and_read(bool(compute_stress))
+            n_edges = int(out[-1])
+        self.n_edges = n_edges
         results = {
             "energy": float(out[0]),
             "forces": out[1:1 + 3 * n_atoms].reshape(n_atoms, 3).copy(),
@@ -163,8 +177,16 @@ class MACEEngine:
             "node_e0": self._node_e0.copy(),
         }
         if compute_stress:
-            results["stress"] = out[1 + 4 * n_atoms:].reshape(3, 3).copy()
+            results["stress"] = out[1 + 4 * n_atoms:-1].reshape(3, 3).copy()
         return results
+
+    def _evaluate_and_read(self, compute_stress: bool) -> np.ndarray:
+        with torch.enable_grad():
+            self._run(compute_stress)
+        if self._host_out is not self._out:
+            self._host_out.copy_(self._out, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+        return self._host_out.numpy()
 
     @property
     def last_call_replayed_graph(self) -> bool:
@@ -209,53 +231,103 @@ class MACEEngine:
                                  torch.ones(_PADDING_NODES, dtype=torch.int64, device=device)))
         self._ptr = torch.tensor([0, n_atoms, n_nodes], dtype=torch.int64, device=device)
         self._head = torch.full((2,), self._head_index, dtype=torch.int64, device=device)
-        # energy, forces (3n), node energies (n), stress (9), packed for one copy out.
-        self._out = torch.zeros(1 + 4 * n_atoms + 9, dtype=torch.float64, device=device)
+        # energy, forces (3n), node energies (n), stress (9), in-cutoff edge count: packed
+        # for one copy out.
+        self._out = torch.zeros(1 + 4 * n_atoms + 9 + 1, dtype=torch.float64, device=device)
         self._host_out = (torch.empty_like(self._out, device="cpu").pin_memory() if on_cuda
                           else self._out)
         self._n_atoms = n_atoms
         self._numbers = None
-        self.edge_capacity = 0
+        self.edge_capacity = self.candidate_capacity = 0
+        self.neighbors.invalidate()
         self._drop_graphs()
 
     def _allocate_edges(self, n_edges: int) -> None:
-        capacity = _EDGE_CAPACITY_MULTIPLE * max(
-            1, math.ceil(n_edges * self.edge_headroom / _EDGE_CAPACITY_MULTIPLE))
+        """Model edge buffers for ``n_edges`` in-cutoff edges plus headroom (and a dump slot)."""
+        capacity = _round_up(n_edges * self.edge_headroom)
         device = self.device
         self._edge_index = torch.empty((2, capacity), dtype=torch.int64, device=device)
         self._unit_shifts = torch.empty((capacity, 3), dtype=self.dtype, device=device)
-        self._is_real_edge = torch.empty((capacity, 1), dtype=torch.bool, device=device)
-        padding_node = self._n_atoms + torch.arange(capacity, device=device) % _PADDING_NODES
-        self._padding_edge_index = padding_node.expand(2, capacity)
-        self._padding_unit_shift = torch.tensor([1.0, 0.0, 0.0], dtype=self.dtype, device=device)
+        # Selection scratch: one extra slot at the end receives every unselected candidate.
+        padding_node = self._n_atoms + torch.arange(capacity + 1, device=device) % _PADDING_NODES
+        self._padding_edge_index = padding_node.expand(2, capacity + 1).contiguous()
+        self._padding_unit_shifts = torch.tensor(
+            [1.0, 0.0, 0.0], dtype=self.dtype, device=device).expand(capacity + 1, 3).contiguous()
+        self._selected_edge_index = torch.empty_like(self._padding_edge_index)
+        self._selected_unit_shifts = torch.empty_like(self._padding_unit_shifts)
+        self._edge_slots = torch.arange(capacity, device=device)
         if self.edge_capacity:
-            logger.info("edge count %d outgrew the capacity %d; re-padding to %d",
+            logger.info("in-cutoff edge count %d outgrew the capacity %d; re-padding to %d",
                         n_edges, self.edge_capacity, capacity)
         self.edge_capacity = capacity
         self._drop_graphs()
 
-    def _load_edges(self) -> None:
-        """Copy a freshly built neighbour list into the fixed-capacity edge buffers."""
-        n_edges = self.neighbors.n_edges
-        if n_edges > self.edge_capacity:
-            self._allocate_edges(n_edges)
+    def _allocate_candidates(self, n_candidates: int) -> None:
+        capacity = _round_up(n_candidates * _CANDIDATE_HEADROOM)
+        device = self.device
+        self._candidate_edge_index = torch.zeros((2, capacity), dtype=torch.int64, device=device)
+        self._candidate_unit_shifts = torch.zeros((capacity, 3), dtype=torch.float64,
+                                                  device=device)
+        self._is_candidate = torch.zeros(capacity, dtype=torch.bool, device=device)
+        self.candidate_capacity = capacity
+        self._drop_graphs()
+
+    def _load_candidates(self) -> None:
+        """Copy a freshly built Verlet list into the fixed-capacity candidate buffers."""
+        n_candidates = self.neighbors.n_edges
+        if n_candidates > self.candidate_capacity:
+            self._allocate_candidates(n_candidates)
         with torch.no_grad():
-            self._edge_index[:, :n_edges] = self.neighbors.edge_index
-            self._edge_index[:, n_edges:] = self._padding_edge_index[:, n_edges:]
-            self._unit_shifts[:n_edges] = self.neighbors.unit_shifts
-            self._unit_shifts[n_edges:] = self._padding_unit_shift
-            self._is_real_edge[:n_edges] = True
-            self._is_real_edge[n_edges:] = False
+            self._candidate_edge_index[:, :n_candidates] = self.neighbors.edge_index
+            self._candidate_edge_index[:, n_candidates:] = 0
+            self._candidate_unit_shifts[:n_candidates] = self.neighbors.unit_shifts
+            self._is_candidate[:n_candidates] = True
+            self._is_candidate[n_candidates:] = False
+        # Size the model's edge buffers now (a rebuild synchronises anyway), so that the
+        # post-call overflow check is needed only when edges enter the cutoff later.
+        n_inside = int(self._inside_cutoff().sum())
+        if n_inside > self.edge_capacity:
+            self._allocate_edges(n_inside)
 
     # ------------------------------------------------------------------ evaluation
+
+    def _inside_cutoff(self) -> torch.Tensor:
+        """Which Verlet-list candidates are shorter than ``r_max`` now (float64 geometry)."""
+        n_atoms = self._n_atoms
+        positions, cell = self._device_in[:n_atoms], self._device_in[n_atoms:]
+        sender, receiver = self._candidate_edge_index
+        vectors = (positions.index_select(0, receiver) - positions.index_select(0, sender)
+                   + self._candidate_unit_shifts @ cell)
+        return self._is_candidate & ((vectors * vectors).sum(dim=1) < self.r_max ** 2)
+
+    def _select_edges(self) -> torch.Tensor:
+        """Compact the in-cutoff candidates into the model's edge buffers; fixed shapes only.
+
+        Returns the (0-d) number of in-cutoff edges. Candidates beyond the capacity are
+        dropped into the dump slot; the caller sees the count and repeats the call.
+        """
+        inside = self._inside_cutoff()
+        slots = torch.cumsum(inside, dim=0)
+        capacity = self.edge_capacity
+        targets = torch.where(inside, slots - 1, capacity).clamp_(max=capacity)
+        self._selected_edge_index.copy_(self._padding_edge_index)
+        self._selected_edge_index.index_copy_(1, targets, self._candidate_edge_index)
+        self._selected_unit_shifts.copy_(self._padding_unit_shifts)
+        self._selected_unit_shifts.index_copy_(0, targets,
+                                               self._candidate_unit_shifts.to(self.dtype))
+        self._edge_index.copy_(self._selected_edge_index[:, :capacity])
+        self._unit_shifts.copy_(self._selected_unit_shifts[:capacity])
+        return slots[-1]
 
     def _evaluate(self, compute_stress: bool) -> None:
         """One model call from the persistent buffers into ``self._out`` (capturable)."""
         n_atoms = self._n_atoms
         with torch.no_grad():
+            n_edges = self._select_edges()
+            is_real_edge = (self._edge_slots < n_edges)[:, None]
             self._positions[:n_atoms] = self._device_in[:n_atoms]
             self._cells[0] = self._device_in[n_atoms:]
-            shifts = torch.where(self._is_real_edge, self._unit_shifts @ self._cells[0],
+            shifts = torch.where(is_real_edge, self._unit_shifts @ self._cells[0],
                                  self._unit_shifts @ self._cells[1])
         batch = {
             # A fresh leaf sharing the buffer's memory: the model sets requires_grad on it.
@@ -276,7 +348,8 @@ class MACEEngine:
             self._out[1:1 + 3 * n_atoms] = output["forces"][:n_atoms].reshape(-1)
             self._out[1 + 3 * n_atoms:1 + 4 * n_atoms] = output["node_energy"][:n_atoms]
             if compute_stress:
-                self._out[1 + 4 * n_atoms:] = output["stress"][0].reshape(-1)
+                self._out[1 + 4 * n_atoms:-1] = output["stress"][0].reshape(-1)
+            self._out[-1] = n_edges
 
     def _run(self, compute_stress: bool) -> None:
         graph = None
@@ -320,6 +393,10 @@ class MACEEngine:
 
     def _drop_graphs(self) -> None:
         self._graphs.clear()
+
+
+def _round_up(count: float) -> int:
+    return _EDGE_CAPACITY_MULTIPLE * max(1, math.ceil(count / _EDGE_CAPACITY_MULTIPLE))
 
 
 def _edge_vectors_and_lengths(positions, edge_index, shifts, normalize: bool = False,

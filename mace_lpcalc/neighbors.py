@@ -174,6 +174,10 @@ class VerletNeighborList:
         self.n_builds += 1
         return True
 
+    def invalidate(self) -> None:
+        """Make the next :meth:`update` rebuild, whatever the positions."""
+        self._reference_positions = None
+
     def _needs_rebuild(self, positions: torch.Tensor, cell: torch.Tensor,
                        pbc: tuple[bool, bool, bool]) -> bool:
         reference = self._reference_positions

@@ -16,7 +16,11 @@ name                   model dtype   what runs in reduced precision
 
 In the ``-linear-`` policies, Clebsch–Gordan tables, spherical harmonics, tensor
 products, symmetric contractions, the energy sum and the force/stress autograd
-reductions stay in the model dtype. The 16-bit layers keep their fp32 parameters
+reductions stay in the model dtype. Where cuEquivariance's fused convolution kernel
+consumes the radial MLP's per-edge output, that output is handed over in 16 bits, as
+the MLP's matmul produced it, and the kernel computes in fp32: the same numbers as
+casting it to fp32 first, without writing and re-reading an fp32 copy of the largest
+per-edge tensor (edges × tensor-product weights) in the forward and backward passes. The 16-bit layers keep their fp32 parameters
 (so they stay trainable as master weights) and cast operands on the fly; cuBLAS's
 reduced-precision reductions are switched off while a policy is active, so every
 16-bit product accumulates in fp32.
@@ -344,6 +348,12 @@ class DenseLayer16(_OperandCache):
         self.layer = layer
         self.operand_dtype = operand_dtype
         self.matmul = BlockMatmul()
+        #: Return the 16-bit product as it is (a consumer that computes in fp32 takes it).
+        self.emits_operand_dtype = False
+
+    @property
+    def can_emit_operand_dtype(self) -> bool:
+        return self.layer.act is None
 
     def _scaled_weight(self) -> torch.Tensor:
         layer = self.layer
@@ -355,7 +365,10 @@ class DenseLayer16(_OperandCache):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.operand(self.layer.weight, self._scaled_weight)
-        out = self.matmul(x.to(self.operand_dtype), weight).to(x.dtype)
+        out = self.matmul(x.to(self.operand_dtype), weight)
+        if self.emits_operand_dtype:
+            return out
+        out = out.to(x.dtype)
         if self.layer.act is not None:
             out = self.layer.act(out) * self.layer.var_out ** 0.5
         return out
@@ -369,11 +382,20 @@ class TorchLinear16(_OperandCache):
         self.linear = linear
         self.operand_dtype = operand_dtype
         self.matmul = BlockMatmul()
+        #: Return the 16-bit product as it is (a consumer that computes in fp32 takes it).
+        self.emits_operand_dtype = False
+
+    @property
+    def can_emit_operand_dtype(self) -> bool:
+        return self.linear.bias is None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.operand(self.linear.weight,
                               lambda: self.linear.weight.t().to(self.operand_dtype))
-        out = self.matmul(x.to(self.operand_dtype), weight).to(x.dtype)
+        out = self.matmul(x.to(self.operand_dtype), weight)
+        if self.emits_operand_dtype:
+            return out
+        out = out.to(x.dtype)
         return out if self.linear.bias is None else out + self.linear.bias
 
 
@@ -463,6 +485,7 @@ def apply_policy(model: torch.nn.Module, policy: str | PrecisionPolicy) -> torch
     model.to(policy.model_dtype)
     if policy.linear_dtype is not None:
         _replace_modules(model, lambda module: _wrap(module, policy.linear_dtype))
+        feed_16bit_radial_weights(model, policy.model_dtype)
     if policy.autocast_dtype is not None:
         _replace_modules(model, lambda module: AutocastExempt(module, policy.model_dtype)
                          if _needs_autocast_exemption(module) else None)
@@ -479,9 +502,53 @@ def apply_policy(model: torch.nn.Module, policy: str | PrecisionPolicy) -> torch
 
 def strip_policy(model: torch.nn.Module) -> torch.nn.Module:
     """Undo :func:`apply_policy`'s wrappers in place, leaving a plain MACE model."""
+    unfeed_16bit_radial_weights(model)
     _replace_modules(model, lambda module: next(iter(module.children()))
                      if isinstance(module, _WRAPPERS) else None)
     return model
+
+
+def _fused_convolutions(model: torch.nn.Module):
+    """(radial MLP, fused-convolution kernel) pairs of a cuEquivariance model on CUDA.
+
+    mace marks interactions whose ``conv_tp`` gathers, multiplies and scatters in one
+    ``uniform_1d`` kernel with ``conv_fusion``; ``kernel.dtypes`` maps each of its
+    buffers to the input whose dtype it takes (-1: the kernel's math dtype).
+    """
+    for interaction in getattr(model, "interactions", ()):
+        kernel = getattr(getattr(interaction, "conv_tp", None), "m", None)
+        mlp = getattr(interaction, "conv_tp_weights", None)
+        if hasattr(interaction, "conv_fusion") and hasattr(kernel, "dtypes") and mlp is not None:
+            yield mlp, kernel
+
+
+def feed_16bit_radial_weights(model: torch.nn.Module, model_dtype: torch.dtype) -> None:
+    """Let each fused convolution take its radial MLP's 16-bit output directly.
+
+    The kernel then writes its output in its math dtype (the model dtype) instead of
+    the dtype of its first input (the weights). Skipped where the last MLP layer cannot
+    hand over its raw product (an activation or bias follows it) or the kernel does
+    not compute in the model dtype.
+    """
+    for mlp, kernel in _fused_convolutions(model):
+        layers = [m for m in mlp.modules() if isinstance(m, (DenseLayer16, TorchLinear16))]
+        if not layers or not layers[-1].can_emit_operand_dtype \
+                or kernel.math_dtype != model_dtype:
+            continue
+        kernel.dtypes_without_policy = list(kernel.dtypes)
+        kernel.dtypes = kernel.dtypes[:kernel.num_inputs] + [-1] * kernel.num_outputs
+        layers[-1].emits_operand_dtype = True
+
+
+def unfeed_16bit_radial_weights(model: torch.nn.Module) -> None:
+    """Undo :func:`feed_16bit_radial_weights`."""
+    for mlp, kernel in _fused_convolutions(model):
+        if hasattr(kernel, "dtypes_without_policy"):
+            kernel.dtypes = kernel.dtypes_without_policy
+            del kernel.dtypes_without_policy
+        for layer in mlp.modules():
+            if isinstance(layer, (DenseLayer16, TorchLinear16)):
+                layer.emits_operand_dtype = False
 
 
 def _replace_modules(model: torch.nn.Module, replacement_for) -> None:

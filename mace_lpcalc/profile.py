@@ -446,6 +446,7 @@ def profile_fast_path(build_calc, atoms, device: str, *, warmup: int = 5,
                     for e in events if e.name == RANGE_PREFIX + CALL]
         device_ms = statistics.fmean(c["device_us"] for c in per_call) / 1e3
         results.append({
+            "top_kernels": top_kernels(activities, n_calls=len(per_call)),
             "path": "fast path, " + ("CUDA graph" if use_cuda_graph else "eager"),
             "replayed_cuda_graph": calc.engine.last_call_replayed_graph,
             "wall_ms": wall_ms,
@@ -455,6 +456,19 @@ def profile_fast_path(build_calc, atoms, device: str, *, warmup: int = 5,
             "verdict": bound_verdict(device_ms, wall_ms),
         })
     return results
+
+
+def top_kernels(activities, n_calls: int, count: int = 15) -> list[dict]:
+    """The ``count`` kernels (by name) with the most device time per call."""
+    totals: dict[str, list[float]] = {}
+    for activity in activities:
+        if _is_kernel(activity.name):
+            entry = totals.setdefault(activity.name, [0.0, 0])
+            entry[0] += activity.time_range.end - activity.time_range.start
+            entry[1] += 1
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:count]
+    return [{"kernel": name[:160], "device_ms_per_call": us / n_calls / 1e3,
+             "launches_per_call": launches / n_calls} for name, (us, launches) in ranked]
 
 
 def run_profile(*, model_spec: str, policy: str, backend: str, device: str, n_molecules: int,
@@ -471,6 +485,9 @@ def run_profile(*, model_spec: str, policy: str, backend: str, device: str, n_mo
     profiled = profile_blocks(calc, atoms, warmup=warmup, steps=steps, trace=trace)
     fast = profile_fast_path(lambda graph: build_calc(True, graph), atoms, device,
                              warmup=warmup, steps=steps)
+    # The same blocks on the fast path, run eagerly (a graph replay cannot be split).
+    fast_rows = (profile_blocks(build_calc(True, False), atoms, warmup=warmup,
+                                steps=steps)["rows"] if fast else [])
     notes = [("Host times are measured under the profiler, which inflates them; "
               "whole_call.wall_ms is measured without it and is the one to quote.")]
     if not device.startswith("cuda"):
@@ -491,6 +508,7 @@ def run_profile(*, model_spec: str, policy: str, backend: str, device: str, n_mo
         "whole_call": profiled["whole_call"],
         "path": "mace's per-call path (fast_path=False)",
         "fast_path": fast,
+        "fast_path_eager_rows": fast_rows,
         "notes": notes,
     }
 
@@ -519,6 +537,12 @@ def format_report(result: dict) -> str:
         fell_back = path["path"].endswith("graph") and not path["replayed_cuda_graph"]
         lines.append(f"{path['path']}{' (capture failed: ran eagerly)' if fell_back else ''}: "
                      f"wall {path['wall_ms']:.3f} ms, {device}: {path['verdict']}")
+        lines.extend(f"    {k['device_ms_per_call']:8.3f} ms {k['launches_per_call']:5.1f}x "
+                     f"{k['kernel'][:90]}" for k in path["top_kernels"][:8])
+    if result.get("fast_path_eager_rows"):
+        lines.append("fast path, eager, by block (device ms per call):")
+        ranked = sorted(result["fast_path_eager_rows"], key=lambda r: -r["device_ms_per_call"])
+        lines.extend(f"    {r['device_ms_per_call']:8.3f} {r['block']}" for r in ranked[:12])
     lines.extend(result["notes"])
     return "\n".join(lines)
 

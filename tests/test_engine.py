@@ -104,7 +104,8 @@ def test_matches_mace_calculator(model, reference, system, skin_A):
     np.testing.assert_allclose(ours["node_energy"] - ours["node_e0"],
                                theirs["node_energy_minus_e0"], rtol=0, atol=1e-10)
     assert np.abs(theirs["forces"]).max() > 1e-3  # a real comparison, not zeros vs zeros
-    assert engine.edge_capacity > engine.neighbors.n_edges  # padding edges were present
+    assert engine.edge_capacity > engine.n_edges  # padding edges were present
+    assert engine.n_edges <= engine.neighbors.n_edges  # the model saw only in-cutoff edges
 
 
 def test_float32_model_matches_mace_calculator():
@@ -119,12 +120,12 @@ def test_amount_of_padding_changes_nothing(model):
     atoms = _water()
     tight, roomy = _engine(model, edge_headroom=1.0), _engine(model, edge_headroom=4.0)
     tight_results, roomy_results = _compute(tight, atoms, True), _compute(roomy, atoms, True)
-    assert roomy.edge_capacity - roomy.neighbors.n_edges > 2 * tight.neighbors.n_edges
+    assert roomy.edge_capacity - roomy.n_edges > 2 * tight.n_edges
     _assert_same(roomy_results, tight_results, tolerance=1e-12)
 
 
 def test_skin_list_gives_the_exact_list_results(model):
-    """Edges between r_max and r_max + skin contribute exactly zero (PolynomialCutoff)."""
+    """A stale Verlet list gives the model exactly the edges a fresh list would."""
     atoms = _water()
     skinned, exact = _engine(model, skin_A=1.0), _engine(model, skin_A=0.0)
     _compute(skinned, atoms, True)
@@ -133,7 +134,23 @@ def test_skin_list_gives_the_exact_list_results(model):
     assert skinned.neighbors.n_builds == 1  # the stale skin list was used
     exact_results = _compute(exact, atoms, True)
     assert skinned.neighbors.n_edges > 1.3 * exact.neighbors.n_edges
+    assert skinned.n_edges == exact.n_edges == exact.neighbors.n_edges
     _assert_same(skinned_results, exact_results, tolerance=1e-12)
+
+
+def test_edges_entering_the_cutoff_between_rebuilds_grow_the_capacity(model, reference):
+    """Squeezing atoms together within the skin adds in-cutoff edges without a rebuild;
+    the call that outgrows the capacity is repeated with larger buffers."""
+    atoms = _water()
+    engine = _engine(model, skin_A=2.0, edge_headroom=1.0)
+    _compute(engine, atoms, True)
+    capacity = engine.edge_capacity
+    center = atoms.positions.mean(axis=0)
+    atoms.positions = center + 0.9 * (atoms.positions - center)  # moves < skin/2 = 1 Å
+    ours = _compute(engine, atoms, True)
+    assert engine.neighbors.n_builds == 1
+    assert engine.n_edges > capacity and engine.edge_capacity >= engine.n_edges
+    _assert_same(ours, _reference(reference, atoms, True))
 
 
 def test_compressing_the_box_grows_the_edge_capacity(model, reference):
@@ -143,8 +160,8 @@ def test_compressing_the_box_grows_the_edge_capacity(model, reference):
     capacity = engine.edge_capacity
     atoms.set_cell(atoms.cell * 0.8, scale_atoms=True)
     ours = _compute(engine, atoms, True)
-    assert engine.neighbors.n_edges > capacity
-    assert engine.edge_capacity >= 1.25 * engine.neighbors.n_edges
+    assert engine.n_edges > capacity
+    assert engine.edge_capacity >= engine.edge_headroom * engine.n_edges
     _assert_same(ours, _reference(reference, atoms, True))
     atoms.set_cell(atoms.cell / 0.8, scale_atoms=True)  # expanding keeps the larger buffers
     grown = engine.edge_capacity

@@ -121,3 +121,27 @@ def test_policy_names_and_details():
     assert policy.model_dtype_name == "float32"
     with pytest.raises(ValueError, match="valid policies: fp64, fp32"):
         get_policy("fp8")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused convolution is CUDA-only")
+def test_fused_convolution_takes_16bit_radial_weights_with_unchanged_results(water8):
+    """Handing the kernel the radial MLP's bf16 product equals casting it to fp32 first."""
+    from ase.calculators.calculator import all_changes
+
+    from mace_lpcalc.calculator import LowPrecisionMACECalculator
+    from mace_lpcalc.policies import unfeed_16bit_radial_weights
+
+    calc = LowPrecisionMACECalculator(models=build_tiny_model(dtype=torch.float32),
+                                      device="cuda", policy="fp32-linear-bf16",
+                                      backend="cuequivariance", fast_path=False)
+    report = {row["module"]: row for row in calc.precision_report(water8)}
+    assert report["interactions.0.conv_tp"]["input_dtypes"] == ["bfloat16", "float32"]
+    assert report["interactions.0.conv_tp"]["output_dtypes"] == ["float32"]
+    calc.calculate(water8, ["energy", "forces"], all_changes)
+    fed = calc.results["energy"], calc.results["forces"].copy()
+    unfeed_16bit_radial_weights(calc.models[0])
+    calc.calculate(water8, ["energy", "forces"], all_changes)
+    cast = calc.results["energy"], calc.results["forces"]
+    assert abs(fed[0] - cast[0]) < 1e-6 * len(water8)
+    # Only the order of fp32 atomic additions differs (bf16 rounding moves forces ~1e-2).
+    assert abs(fed[1] - cast[1]).max() < 1e-5 * abs(cast[1]).max()
