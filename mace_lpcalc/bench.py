@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import statistics
 import time
@@ -91,6 +92,7 @@ def peak_memory_mb(device: str) -> float | None:
 
 def reset_peak_memory(device: str) -> None:
     if device.startswith("cuda"):
+        gc.collect()  # a dropped calculator's CUDA graph pools go only with the calculator
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 

@@ -373,6 +373,9 @@ class MACEEngine:
                 for _ in range(_WARMUP_CALLS):
                     self._evaluate(compute_stress)
             current.wait_stream(side)
+            # The warm-up's cached blocks cannot serve the graph's private pool; handing
+            # them back first keeps the peak near one evaluation's memory, not two.
+            torch.cuda.empty_cache()
             # Each graph gets its own memory pool: with and without stress they may be
             # replayed in any order, which pool sharing does not allow in general.
             graph = torch.cuda.CUDAGraph()
