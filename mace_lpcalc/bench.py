@@ -16,6 +16,7 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -223,6 +224,7 @@ def largest_water_box(*, model_spec: str, device: str, sizes: list[int], policie
             if not row["fits"]:
                 break
     return {"benchmark": "largest water box per policy", "model": model_spec, "device": device,
+            "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
             "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "versions": package_versions() | {"cuda": torch.version.cuda}, "rows": rows}
