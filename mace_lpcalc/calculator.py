@@ -26,7 +26,7 @@ from ase.data import chemical_symbols
 from ase.stress import full_3x3_to_voigt_6_stress
 from mace.calculators.mace import MACECalculator
 
-from .engine import MACEEngine
+from .engine import DEFAULT_SKIN_A, MACEEngine
 
 from .models import ModelLoadError, load_model, model_elements, model_hash
 from .policies import (apply_policy, check_device_supports, check_single_backend,
@@ -107,7 +107,7 @@ class LowPrecisionMACECalculator(MACECalculator):
     """
 
     def __init__(self, model_paths=None, models=None, device: str = "cpu",
-                 policy="fp32", backend: str = "auto", fast_path="auto", skin_A: float = 1.0,
+                 policy="fp32", backend: str = "auto", fast_path="auto", skin_A: float = DEFAULT_SKIN_A,
                  use_cuda_graph="auto", **kwargs):
         try:
             self.policy = get_policy(policy)

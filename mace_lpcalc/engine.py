@@ -48,6 +48,10 @@ from mace_lpcalc.neighbors import VerletNeighborList, _check_pbc
 
 logger = logging.getLogger(__name__)
 
+#: Verlet skin (Å) of the fast path unless the caller chooses one: rebuilds every ~10 steps
+#: for water at 300 K and 1 fs (per-step times of skins 0.5-2 Å are within 5% of each
+#: other, bench/results/h200_skins_648-5184.json).
+DEFAULT_SKIN_A = 1.0
 #: Edge capacities are rounded up to a multiple of this.
 _EDGE_CAPACITY_MULTIPLE = 64
 #: Verlet-list buffers are sized with this headroom over the list that needs them (they
@@ -82,7 +86,7 @@ class MACEEngine:
     """
 
     def __init__(self, model: torch.nn.Module, *, z_table_atomic_numbers, r_max: float,
-                 device="cpu", skin_A: float = 1.0, use_cuda_graph="auto",
+                 device="cpu", skin_A: float = DEFAULT_SKIN_A, use_cuda_graph="auto",
                  edge_headroom: float = 1.05, head: str | None = None):
         self.device = torch.device(device)
         if use_cuda_graph not in ("auto", True, False):

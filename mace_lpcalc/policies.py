@@ -337,19 +337,35 @@ def _verify_blocks(linear, blocks, irreps_in, layout):
         raise _LayoutMismatch(f"block reconstruction is off by {float(error):.2e} (relative)")
 
 
-class DenseLayer16(_OperandCache):
+class _DenseProduct16(_OperandCache):
+    """A dense layer whose matmul runs on 16-bit operands with fp32 accumulation.
+
+    The wrapped layer is registered first, as the child ``strip_policy`` restores; its
+    fp32 parameters stay the master weights.
+    """
+
+    def __init__(self, wrapped_name: str, wrapped: torch.nn.Module, operand_dtype: torch.dtype):
+        super().__init__()
+        setattr(self, wrapped_name, wrapped)
+        self.operand_dtype = operand_dtype
+        self.matmul = BlockMatmul()
+        #: Return the 16-bit product as it is (a consumer that computes in fp32 takes it).
+        #: Set only where ``can_emit_operand_dtype``: nothing follows the product.
+        self.emits_operand_dtype = False
+
+    def _product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        out = self.matmul(x.to(self.operand_dtype), weight)
+        return out if self.emits_operand_dtype else out.to(x.dtype)
+
+
+class DenseLayer16(_DenseProduct16):
     """An e3nn ``FullyConnectedNet`` layer (radial MLP) with 16-bit operands.
 
     Same arithmetic as ``e3nn.nn._fc._Layer``: ``act(x @ W / sqrt(h_in var_in)) sqrt(var_out)``.
     """
 
     def __init__(self, layer: E3nnDenseLayer, operand_dtype: torch.dtype):
-        super().__init__()
-        self.layer = layer
-        self.operand_dtype = operand_dtype
-        self.matmul = BlockMatmul()
-        #: Return the 16-bit product as it is (a consumer that computes in fp32 takes it).
-        self.emits_operand_dtype = False
+        super().__init__("layer", layer, operand_dtype)
 
     @property
     def can_emit_operand_dtype(self) -> bool:
@@ -364,38 +380,25 @@ class DenseLayer16(_OperandCache):
         return (layer.weight * scale).to(self.operand_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.operand(self.layer.weight, self._scaled_weight)
-        out = self.matmul(x.to(self.operand_dtype), weight)
-        if self.emits_operand_dtype:
-            return out
-        out = out.to(x.dtype)
+        out = self._product(x, self.operand(self.layer.weight, self._scaled_weight))
         if self.layer.act is not None:
             out = self.layer.act(out) * self.layer.var_out ** 0.5
         return out
 
 
-class TorchLinear16(_OperandCache):
+class TorchLinear16(_DenseProduct16):
     """A ``torch.nn.Linear`` (mace's newer RadialMLP) with 16-bit operands."""
 
     def __init__(self, linear: torch.nn.Linear, operand_dtype: torch.dtype):
-        super().__init__()
-        self.linear = linear
-        self.operand_dtype = operand_dtype
-        self.matmul = BlockMatmul()
-        #: Return the 16-bit product as it is (a consumer that computes in fp32 takes it).
-        self.emits_operand_dtype = False
+        super().__init__("linear", linear, operand_dtype)
 
     @property
     def can_emit_operand_dtype(self) -> bool:
         return self.linear.bias is None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.operand(self.linear.weight,
-                              lambda: self.linear.weight.t().to(self.operand_dtype))
-        out = self.matmul(x.to(self.operand_dtype), weight)
-        if self.emits_operand_dtype:
-            return out
-        out = out.to(x.dtype)
+        out = self._product(x, self.operand(
+            self.linear.weight, lambda: self.linear.weight.t().to(self.operand_dtype)))
         return out if self.linear.bias is None else out + self.linear.bias
 
 
@@ -531,7 +534,7 @@ def feed_16bit_radial_weights(model: torch.nn.Module, model_dtype: torch.dtype) 
     not compute in the model dtype.
     """
     for mlp, kernel in _fused_convolutions(model):
-        layers = [m for m in mlp.modules() if isinstance(m, (DenseLayer16, TorchLinear16))]
+        layers = [m for m in mlp.modules() if isinstance(m, _DenseProduct16)]
         if not layers or not layers[-1].can_emit_operand_dtype \
                 or kernel.math_dtype != model_dtype:
             continue
@@ -547,7 +550,7 @@ def unfeed_16bit_radial_weights(model: torch.nn.Module) -> None:
             kernel.dtypes = kernel.dtypes_without_policy
             del kernel.dtypes_without_policy
         for layer in mlp.modules():
-            if isinstance(layer, (DenseLayer16, TorchLinear16)):
+            if isinstance(layer, _DenseProduct16):
                 layer.emits_operand_dtype = False
 
 
