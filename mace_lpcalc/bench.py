@@ -116,7 +116,7 @@ def model_only_call(calc, atoms):
 def run_benchmark(*, model_spec: str, device: str, sizes: list[int], policies: list[str],
                   backends: list[str], warmup: int, repeats: int, langevin: bool,
                   baselines: bool = True, fast_path="auto", skins=(None,),
-                  langevin_block: int = 10) -> dict:
+                  langevin_block: int = 10, compile_modes=(False,)) -> dict:
     """Time every configuration; returns the JSON-ready result dictionary."""
     rows = []
     for n_molecules in sizes:
@@ -138,13 +138,17 @@ def run_benchmark(*, model_spec: str, device: str, sizes: list[int], policies: l
         for backend in backends:
             for policy in policies:
                 for skin in skins:
-                    suffix = f"-skin{skin:g}" if len(skins) > 1 else ""
-                    skin_option = {} if skin is None else {"skin_A": skin}
-                    configurations.append((
-                        f"ours-{backend}-{policy}{suffix}", "ours",
-                        lambda b=backend, p=policy, o=skin_option: LowPrecisionMACECalculator(
-                            models=make_model(model_spec), device=device, policy=p,
-                            backend=b, fast_path=fast_path, **o)))
+                    for compiled in compile_modes:
+                        suffix = (f"-skin{skin:g}" if len(skins) > 1 else "") + (
+                            "-compiled" if compiled else "")
+                        options = {"compile_model": True} if compiled else {}
+                        if skin is not None:
+                            options["skin_A"] = skin
+                        configurations.append((
+                            f"ours-{backend}-{policy}{suffix}", "ours",
+                            lambda b=backend, p=policy, o=options: LowPrecisionMACECalculator(
+                                models=make_model(model_spec), device=device, policy=p,
+                                backend=b, fast_path=fast_path, **o)))
         for name, kind, build in configurations:
             reset_peak_memory(device)
             try:
@@ -196,6 +200,11 @@ def _measure(name, kind, build, atoms, device, warmup, repeats, langevin_steps, 
         row["cuda_graph_replayed"] = bool(engine.last_call_replayed_graph)
         row["graph_captures"] = engine.n_graph_captures
         row["neighbor_list_builds"] = engine.neighbors.n_builds
+        if engine.compiled is not None:
+            row["compiled"] = engine.compiled.active
+            row["compile_and_check_s"] = engine.compiled.setup_seconds
+            row["compile_failure"] = engine.compiled.failure
+            row["compiled_vs_eager_relative_L2"] = engine.compiled.check_deviation
     print(_format_row(row), flush=True)
     return row
 
@@ -293,6 +302,8 @@ def main(argv=None) -> None:
                              "calculator's)")
     parser.add_argument("--langevin-block", type=int, default=10,
                         help="Langevin steps per timed sample on the fast path")
+    parser.add_argument("--compile", choices=("off", "on", "both"), default="off",
+                        help="time our calculator with compile_model off, on, or both")
     parser.add_argument("--largest-box", action="store_true",
                         help="instead: per policy, grow the box through --sizes until it "
                              "no longer fits in memory (first backend only)")
@@ -316,7 +327,9 @@ def main(argv=None) -> None:
                                warmup=args.warmup, repeats=args.repeats,
                                langevin=not args.no_langevin, baselines=not args.no_baselines,
                                fast_path=False if args.no_fast_path else "auto",
-                               skins=args.skins, langevin_block=args.langevin_block)
+                               skins=args.skins, langevin_block=args.langevin_block,
+                               compile_modes={"off": (False,), "on": (True,),
+                                              "both": (False, True)}[args.compile])
     if args.out:
         write_json(args.out, result)
 

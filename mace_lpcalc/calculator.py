@@ -97,18 +97,23 @@ class LowPrecisionMACECalculator(MACECalculator):
         backend: ``"e3nn"``, ``"cuequivariance"`` or ``"auto"`` (cuEquivariance on CUDA when
             its kernels are installed).
         fast_path: evaluate through :class:`mace_lpcalc.engine.MACEEngine` (persistent device
-            state, GPU neighbour list, CUDA graphs). ``"auto"``: on CUDA for a single model.
+            state, GPU neighbour list, CUDA graphs). ``"auto"``: on CUDA, or with
+            ``compile_model``, for a single model.
             ``False`` uses mace's own per-call graph construction.
         skin_A: Verlet skin of the fast path's neighbour list, Å. It does not change the
             results (the model sees only edges inside the cutoff), only how often the
             list is rebuilt.
         use_cuda_graph: ``"auto"`` (on CUDA), True or False; fast path only.
+        compile_model: fuse each energy+forces(+stress) call with TorchInductor (fast path
+            only; see :mod:`mace_lpcalc.compiled`). The first call at a new system size
+            compiles (about a minute on a cold cache); results are checked against the
+            eager model, which takes over with a warning if compilation or the check fails.
         **kwargs: passed to mace's ``MACECalculator`` (``head``, ``energy_units_to_eV``, ...).
     """
 
     def __init__(self, model_paths=None, models=None, device: str = "cpu",
                  policy="fp32", backend: str = "auto", fast_path="auto", skin_A: float = DEFAULT_SKIN_A,
-                 use_cuda_graph="auto", **kwargs):
+                 use_cuda_graph="auto", compile_model: bool = False, **kwargs):
         try:
             self.policy = get_policy(policy)
         except ValueError as err:
@@ -151,14 +156,17 @@ class LowPrecisionMACECalculator(MACECalculator):
         self.models = [apply_policy(model, self.policy) for model in self.models]
         self.known_numbers = frozenset(model_elements(self.models[0]))
         if fast_path == "auto":
-            fast_path = torch_device.type == "cuda" and len(self.models) == 1
+            fast_path = (torch_device.type == "cuda" or compile_model) and len(self.models) == 1
         if fast_path and len(self.models) > 1:
             raise CalculatorSetupError("the fast path evaluates one model; committees need "
                                        "fast_path=False")
         self.engine = MACEEngine(
             self.models[0], z_table_atomic_numbers=self.z_table.zs, r_max=self.r_max,
             device=torch_device, skin_A=skin_A, use_cuda_graph=use_cuda_graph,
-            head=self.head) if fast_path else None
+            head=self.head, compile_model=compile_model) if fast_path else None
+        if compile_model and self.engine is None:
+            raise CalculatorSetupError("compile_model=True needs the fast path "
+                                       "(fast_path=True or 'auto' on CUDA)")
         self.parameters.update(
             model_hash=self._hashes[0] if len(self._hashes) == 1 else self._hashes,
             policy=self.policy.name,
@@ -167,6 +175,7 @@ class LowPrecisionMACECalculator(MACECalculator):
             device=str(torch_device),
             fast_path=self.engine is not None,
             skin_A=skin_A if self.engine is not None else None,
+            compile_model=bool(compile_model),
             versions=package_versions(),
         )
 

@@ -17,6 +17,9 @@ the device between calls and per step only
 The selection makes the skin free for the model: it always sees exactly the edges
 inside the cutoff, while vesin runs only every few steps instead of at every step.
 
+With ``compile_model`` the model call is traced, backward pass included, and fused by
+TorchInductor (:mod:`mace_lpcalc.compiled`); the CUDA graph then replays that.
+
 The model is called exactly as mace's calculator calls it,
 ``model(batch, compute_stress=..., training=False)``, on a batch dictionary built from
 persistent tensors. The batch has two graphs: graph 0 is the real system; graph 1 holds
@@ -44,6 +47,7 @@ import numpy as np
 import torch
 from mace.modules import utils as mace_utils
 
+from mace_lpcalc.compiled import CompiledModelCall
 from mace_lpcalc.neighbors import VerletNeighborList, _check_pbc
 
 logger = logging.getLogger(__name__)
@@ -57,6 +61,8 @@ _EDGE_CAPACITY_MULTIPLE = 64
 #: Verlet-list buffers are sized with this headroom over the list that needs them (they
 #: are refilled outside the graph, so outgrowing them costs only a re-capture).
 _CANDIDATE_HEADROOM = 1.1
+#: Edge headroom after the in-cutoff count outgrew the capacity, with a compiled call.
+_COMPILED_REGROWTH_HEADROOM = 1.12
 #: Padding edges are spread over this many padding nodes so that the scatter-adds into
 #: them do not all contend for one memory address.
 _PADDING_NODES = 8
@@ -83,11 +89,16 @@ class MACEEngine:
             needs it. Padding edges cost model time, so keep it small; outgrowing the
             capacity costs one re-capture.
         head: the model head to evaluate; default as mace's calculator chooses.
+        compile_model: evaluate through :class:`mace_lpcalc.compiled.CompiledModelCall`
+            (forward and backward fused by TorchInductor; the first use of a model compiles
+            for about a minute, later processes load inductor's cache). Falls back to the
+            eager model, with a warning, where compilation or its check fails.
     """
 
     def __init__(self, model: torch.nn.Module, *, z_table_atomic_numbers, r_max: float,
                  device="cpu", skin_A: float = DEFAULT_SKIN_A, use_cuda_graph="auto",
-                 edge_headroom: float = 1.05, head: str | None = None):
+                 edge_headroom: float = 1.05, head: str | None = None,
+                 compile_model: bool = False):
         self.device = torch.device(device)
         if use_cuda_graph not in ("auto", True, False):
             raise ValueError(
@@ -115,6 +126,8 @@ class MACEEngine:
         self.use_cuda_graph = (self.device.type == "cuda" if use_cuda_graph == "auto"
                                else bool(use_cuda_graph))
         self.neighbors = VerletNeighborList(self.r_max, skin_A)
+        self.compiled = (CompiledModelCall(self.model, self._eager_model_call)
+                         if compile_model else None)
         #: Number of CUDA graphs captured so far (each capture costs a few model calls).
         self.n_graph_captures = 0
         self._capture_failed: set[bool] = set()
@@ -170,7 +183,10 @@ class MACEEngine:
         out = self._evaluate_and_read(bool(compute_stress))
         n_edges = int(out[-1])
         if n_edges > self.edge_capacity:  # more edges entered the cutoff than it holds
-            self._allocate_edges(n_edges)
+            # The system is still changing (a lattice start disorders, a box shrinks); a
+            # compiled call, whose re-compilation costs tens of seconds, gets more room.
+            self._allocate_edges(n_edges, _COMPILED_REGROWTH_HEADROOM
+                                 if self.compiled is not None else self.edge_headroom)
             out = self._evaluate_and_read(bool(compute_stress))
             n_edges = int(out[-1])
         self.n_edges = n_edges
@@ -246,9 +262,9 @@ class MACEEngine:
         self.neighbors.invalidate()
         self._drop_graphs()
 
-    def _allocate_edges(self, n_edges: int) -> None:
+    def _allocate_edges(self, n_edges: int, headroom: float | None = None) -> None:
         """Model edge buffers for ``n_edges`` in-cutoff edges plus headroom (and a dump slot)."""
-        capacity = _round_up(n_edges * self.edge_headroom)
+        capacity = _round_up(n_edges * max(headroom or self.edge_headroom, self.edge_headroom))
         device = self.device
         self._edge_index = torch.empty((2, capacity), dtype=torch.int64, device=device)
         self._unit_shifts = torch.empty((capacity, 3), dtype=self.dtype, device=device)
@@ -334,8 +350,7 @@ class MACEEngine:
             shifts = torch.where(is_real_edge, self._unit_shifts @ self._cells[0],
                                  self._unit_shifts @ self._cells[1])
         batch = {
-            # A fresh leaf sharing the buffer's memory: the model sets requires_grad on it.
-            "positions": self._positions.detach(),
+            "positions": self._positions,
             "node_attrs": self._node_attrs,
             "edge_index": self._edge_index,
             "shifts": shifts,
@@ -345,8 +360,10 @@ class MACEEngine:
             "ptr": self._ptr,
             "head": self._head,
         }
-        with _gather_by_index_select():
-            output = self.model(batch, compute_stress=compute_stress, training=False)
+        if self.compiled is not None:
+            output = self.compiled(batch, compute_stress)
+        else:
+            output = self._eager_model_call(batch, compute_stress)
         with torch.no_grad():
             self._out[0] = output["energy"][0]
             self._out[1:1 + 3 * n_atoms] = output["forces"][:n_atoms].reshape(-1)
@@ -354,6 +371,12 @@ class MACEEngine:
             if compute_stress:
                 self._out[1 + 4 * n_atoms:-1] = output["stress"][0].reshape(-1)
             self._out[-1] = n_edges
+
+    def _eager_model_call(self, batch: dict, compute_stress: bool) -> dict:
+        # A fresh leaf sharing the buffer's memory: the model sets requires_grad on it.
+        batch = dict(batch, positions=batch["positions"].detach())
+        with torch.enable_grad(), _gather_by_index_select():
+            return self.model(batch, compute_stress=compute_stress, training=False)
 
     def _run(self, compute_stress: bool) -> None:
         graph = None

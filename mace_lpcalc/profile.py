@@ -424,18 +424,20 @@ def profile_blocks(calc, atoms, *, warmup: int = 5, steps: int = 20,
 
 
 def profile_fast_path(build_calc, atoms, device: str, *, warmup: int = 5,
-                      steps: int = 20) -> list[dict]:
+                      steps: int = 20, compile_model: bool = False) -> list[dict]:
     """Whole-call wall and device time of the fast path, eager and replaying a CUDA graph.
 
-    ``build_calc(use_cuda_graph)`` makes a calculator on the fast path. Empty unless
-    ``device`` is CUDA. Positions do not change between calls, so the neighbour list is
-    checked but not rebuilt, as in MD between rebuilds.
+    ``build_calc(use_cuda_graph, compile_model)`` makes a calculator on the fast path;
+    with ``compile_model`` the compiled call replaying a CUDA graph is profiled too. Empty
+    unless ``device`` is CUDA. Positions do not change between calls, so the neighbour
+    list is checked but not rebuilt, as in MD between rebuilds.
     """
     if not device.startswith("cuda"):
         return []
     results = []
-    for use_cuda_graph in (False, True):
-        calc = build_calc(use_cuda_graph)
+    variants = [(False, False), (True, False)] + ([(True, True)] if compile_model else [])
+    for use_cuda_graph, compiled in variants:
+        calc = build_calc(use_cuda_graph, compiled)
         call = energy_forces_call(calc, atoms)
         for _ in range(max(warmup, 1)):
             call()
@@ -447,7 +449,9 @@ def profile_fast_path(build_calc, atoms, device: str, *, warmup: int = 5,
         device_ms = statistics.fmean(c["device_us"] for c in per_call) / 1e3
         results.append({
             "top_kernels": top_kernels(activities, n_calls=len(per_call)),
-            "path": "fast path, " + ("CUDA graph" if use_cuda_graph else "eager"),
+            "path": "fast path, " + ("compiled, " if compiled else "")
+                    + ("CUDA graph" if use_cuda_graph else "eager"),
+            "compiled": bool(compiled and calc.engine.compiled.active),
             "replayed_cuda_graph": calc.engine.last_call_replayed_graph,
             "wall_ms": wall_ms,
             "device_ms": device_ms,
@@ -472,19 +476,21 @@ def top_kernels(activities, n_calls: int, count: int = 15) -> list[dict]:
 
 
 def run_profile(*, model_spec: str, policy: str, backend: str, device: str, n_molecules: int,
-                warmup: int, steps: int, trace: Path | None = None) -> dict:
+                warmup: int, steps: int, trace: Path | None = None,
+                compile_model: bool = False) -> dict:
     """Profile mace's per-call path block by block (and the fast path on CUDA); JSON-ready."""
     atoms = water_box(n_molecules, seed=0)
 
-    def build_calc(fast_path, use_cuda_graph=False):
+    def build_calc(fast_path, use_cuda_graph=False, compiled=False):
         return LowPrecisionMACECalculator(models=make_model(model_spec), device=device,
                                           policy=policy, backend=backend, fast_path=fast_path,
-                                          use_cuda_graph=use_cuda_graph)
+                                          use_cuda_graph=use_cuda_graph,
+                                          compile_model=compiled)
 
     calc = build_calc(fast_path=False)  # mace's own per-call path: every block runs eagerly
     profiled = profile_blocks(calc, atoms, warmup=warmup, steps=steps, trace=trace)
-    fast = profile_fast_path(lambda graph: build_calc(True, graph), atoms, device,
-                             warmup=warmup, steps=steps)
+    fast = profile_fast_path(lambda graph, compiled: build_calc(True, graph, compiled), atoms,
+                             device, warmup=warmup, steps=steps, compile_model=compile_model)
     # The same blocks on the fast path, run eagerly (a graph replay cannot be split).
     fast_rows = (profile_blocks(build_calc(True, False), atoms, warmup=warmup,
                                 steps=steps)["rows"] if fast else [])
@@ -558,10 +564,12 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=20, help="profiled calls")
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
     parser.add_argument("--trace", type=Path, help="write a Chrome trace of the profiled calls")
+    parser.add_argument("--compile", action="store_true",
+                        help="also profile the compiled fast path (CUDA only)")
     args = parser.parse_args(argv)
     result = run_profile(model_spec=args.model, policy=args.policy, backend=args.backend,
                          device=args.device, n_molecules=args.molecules, warmup=args.warmup,
-                         steps=args.steps, trace=args.trace)
+                         steps=args.steps, trace=args.trace, compile_model=args.compile)
     print(format_report(result))
     if args.out:
         write_json(args.out, result)
