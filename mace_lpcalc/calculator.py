@@ -166,7 +166,7 @@ class LowPrecisionMACECalculator(MACECalculator):
             head=self.head, compile_model=compile_model) if fast_path else None
         if compile_model and self.engine is None:
             raise CalculatorSetupError("compile_model=True needs the fast path "
-                                       "(fast_path=True or 'auto' on CUDA)")
+                                       "(fast_path=True or 'auto', and a single model)")
         self.parameters.update(
             model_hash=self._hashes[0] if len(self._hashes) == 1 else self._hashes,
             policy=self.policy.name,

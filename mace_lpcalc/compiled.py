@@ -46,14 +46,13 @@ class CompiledModelCall:
     """``model(batch, compute_stress=..., training=False)``, compiled once per stress flag.
 
     Args:
-        model: a prepared MACE model; its weights are baked into the compiled functions,
-            so they must not change afterwards.
-        eager_call: ``eager_call(batch, compute_stress) -> dict``, the same call run
-            eagerly (the reference of the check and the fallback).
+        eager_call: ``eager_call(batch, compute_stress) -> dict``, the model call run
+            eagerly (what is traced, the reference of the check and the fallback). The
+            model's weights are baked into the compiled functions, so they must not change
+            afterwards.
     """
 
-    def __init__(self, model: torch.nn.Module, eager_call):
-        self.model = model
+    def __init__(self, eager_call):
         self._eager_call = eager_call
         #: Per stress flag: the (nodes, edges) compiled for and the compiled function.
         self._functions: dict[bool, tuple[tuple[int, int], object]] = {}
@@ -90,10 +89,9 @@ class CompiledModelCall:
         return self._run(batch, compute_stress)
 
     def _run(self, batch: dict, compute_stress: bool) -> dict:
-        names = ("energy", "forces", "node_energy") + (("stress",) if compute_stress else ())
         with torch.no_grad():
             values = self._functions[compute_stress][1](*(batch[key] for key in BATCH_KEYS))
-        return dict(zip(names, values))
+        return dict(zip(_output_names(compute_stress), values))
 
     def _compile_and_check(self, batch: dict, compute_stress: bool, counts) -> None:
         self._functions.pop(compute_stress, None)  # a stale size's function frees its memory
@@ -119,7 +117,7 @@ class CompiledModelCall:
                                  f"{batch['edge_index'].shape[1]} edges")
 
     def _compile(self, batch: dict, compute_stress: bool):
-        names = ("energy", "forces", "node_energy") + (("stress",) if compute_stress else ())
+        names = _output_names(compute_stress)
 
         def energy_forces(*values):
             outputs = self._eager_call(dict(zip(BATCH_KEYS, values)), compute_stress)
@@ -129,6 +127,11 @@ class CompiledModelCall:
         with _script_functions_as_python():
             graph = make_fx(energy_forces)(*(batch[key] for key in BATCH_KEYS))
         return torch.compile(graph, backend=COMPILER_BACKEND, dynamic=False, fullgraph=True)
+
+
+def _output_names(compute_stress: bool) -> tuple[str, ...]:
+    """The model outputs a compiled function returns, in order."""
+    return ("energy", "forces", "node_energy") + (("stress",) if compute_stress else ())
 
 
 @contextlib.contextmanager

@@ -126,8 +126,7 @@ class MACEEngine:
         self.use_cuda_graph = (self.device.type == "cuda" if use_cuda_graph == "auto"
                                else bool(use_cuda_graph))
         self.neighbors = VerletNeighborList(self.r_max, skin_A)
-        self.compiled = (CompiledModelCall(self.model, self._eager_model_call)
-                         if compile_model else None)
+        self.compiled = CompiledModelCall(self._eager_model_call) if compile_model else None
         #: Number of CUDA graphs captured so far (each capture costs a few model calls).
         self.n_graph_captures = 0
         self._capture_failed: set[bool] = set()
@@ -183,10 +182,7 @@ class MACEEngine:
         out = self._evaluate_and_read(bool(compute_stress))
         n_edges = int(out[-1])
         if n_edges > self.edge_capacity:  # more edges entered the cutoff than it holds
-            # The system is still changing (a lattice start disorders, a box shrinks); a
-            # compiled call, whose re-compilation costs tens of seconds, gets more room.
-            self._allocate_edges(n_edges, _COMPILED_REGROWTH_HEADROOM
-                                 if self.compiled is not None else self.edge_headroom)
+            self._allocate_edges(n_edges)
             out = self._evaluate_and_read(bool(compute_stress))
             n_edges = int(out[-1])
         self.n_edges = n_edges
@@ -262,9 +258,14 @@ class MACEEngine:
         self.neighbors.invalidate()
         self._drop_graphs()
 
-    def _allocate_edges(self, n_edges: int, headroom: float | None = None) -> None:
+    def _allocate_edges(self, n_edges: int) -> None:
         """Model edge buffers for ``n_edges`` in-cutoff edges plus headroom (and a dump slot)."""
-        capacity = _round_up(n_edges * max(headroom or self.edge_headroom, self.edge_headroom))
+        headroom = self.edge_headroom
+        if self.edge_capacity and self.compiled is not None:
+            # The system is still changing (a lattice start disorders, a box shrinks); a
+            # compiled call, whose re-compilation costs tens of seconds, gets more room.
+            headroom = max(headroom, _COMPILED_REGROWTH_HEADROOM)
+        capacity = _round_up(n_edges * headroom)
         device = self.device
         self._edge_index = torch.empty((2, capacity), dtype=torch.int64, device=device)
         self._unit_shifts = torch.empty((capacity, 3), dtype=self.dtype, device=device)

@@ -157,3 +157,21 @@ def test_cuda_trace_after_torchscript_fused_the_spherical_harmonics():
     assert fast.compiled.active, fast.compiled.failure
     assert fast.compiled.check_deviation["forces"] < 1e-5
     assert _relative(got["forces"], _compute(eager, atoms, stress=False)["forces"]) < 1e-5
+
+
+def test_a_compiled_engine_regrows_its_edge_capacity_with_extra_headroom(trace_only):
+    """Re-compiling costs tens of seconds, so growth, whether found by the post-call count
+    or at a neighbour-list rebuild, leaves 12 % room instead of the first 5 %."""
+    water = water_box(64, seed=4)  # enough edges that rounding to 64 hides no headroom
+    _, fast = _engines(_model())
+    _compute(fast, water, stress=False)
+    first = fast.edge_capacity
+    assert first < 1.12 * fast.n_edges
+    builds = fast.neighbors.n_builds
+    water.set_cell(water.cell * 0.9, scale_atoms=True)  # more edges inside the cutoff
+    water.positions += 0.6  # past half the 1 Å skin: the growth is found at the rebuild
+    _compute(fast, water, stress=False)
+    assert fast.neighbors.n_builds == builds + 1
+    assert fast.edge_capacity > first
+    assert fast.edge_capacity >= 1.12 * fast.n_edges
+    assert fast.compiled.active, fast.compiled.failure
