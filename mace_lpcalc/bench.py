@@ -205,6 +205,9 @@ def _measure(name, kind, build, atoms, device, warmup, repeats, langevin_steps, 
             row["compile_and_check_s"] = engine.compiled.setup_seconds
             row["compile_failure"] = engine.compiled.failure
             row["compiled_vs_eager_relative_L2"] = engine.compiled.check_deviation
+            if engine.compiled.check_errors:
+                row["compiled_and_eager_error_vs_model_without_16bit"] = {
+                    name: list(errors) for name, errors in engine.compiled.check_errors.items()}
     print(_format_row(row), flush=True)
     return row
 

@@ -11,8 +11,8 @@ Everything else (integrators, optimizers, ``atoms.get_forces()``) is unchanged.
 
 from __future__ import annotations
 
+import copy
 import glob
-import logging
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -25,12 +25,13 @@ from ase.calculators.calculator import (CalculationFailed, Calculator, Calculato
 from ase.data import chemical_symbols
 from ase.stress import full_3x3_to_voigt_6_stress
 from mace.calculators.mace import MACECalculator
+from mace.modules.wrapper_ops import with_cueq_conv_fusion
 
 from .engine import DEFAULT_SKIN_A, MACEEngine
 
 from .models import ModelLoadError, load_model, model_elements, model_hash
 from .policies import (apply_policy, check_device_supports, check_single_backend,
-                       get_policy, model_backend, policy_context)
+                       get_policy, model_backend, policy_context, strip_policy)
 
 BACKENDS = ("auto", "e3nn", "cuequivariance")
 #: Forces above this (eV/Å) on any atom mean the model has left its domain; MD must stop.
@@ -69,6 +70,22 @@ def _convert_backend(model: torch.nn.Module, backend: str, device: str) -> torch
         return convert(model, device=device).to(device)
     finally:
         torch.set_default_dtype(saved_dtype)
+
+
+def _copy_without_policy(model: torch.nn.Module) -> torch.nn.Module:
+    """A separate copy of ``model`` without its precision policy's wrappers.
+
+    cuEquivariance's ``SegmentedPolynomial`` deep-copies (and pickles) by rebuilding itself
+    from its polynomial, which drops the fused-convolution ``forward`` mace installs on the
+    instance; the copy gets it again.
+    """
+    reference = strip_policy(copy.deepcopy(model))
+    for original, copied in zip(getattr(model, "interactions", ()),
+                                getattr(reference, "interactions", ())):
+        if (hasattr(original.conv_tp, "original_forward")
+                and not hasattr(copied.conv_tp, "original_forward")):
+            with_cueq_conv_fusion(copied.conv_tp)
+    return reference
 
 
 def package_versions() -> dict[str, str]:
@@ -155,15 +172,22 @@ class LowPrecisionMACECalculator(MACECalculator):
             torch.set_default_dtype(saved_dtype)
         self.models = [apply_policy(model, self.policy) for model in self.models]
         self.known_numbers = frozenset(model_elements(self.models[0]))
+        self._checked_numbers: np.ndarray | None = None
         if fast_path == "auto":
             fast_path = (torch_device.type == "cuda" or compile_model) and len(self.models) == 1
         if fast_path and len(self.models) > 1:
             raise CalculatorSetupError("the fast path evaluates one model; committees need "
                                        "fast_path=False")
+        # A compiled 16-bit call is checked for accuracy against the model without its
+        # 16-bit operands (see mace_lpcalc.compiled).
+        reference_model = (_copy_without_policy(self.models[0])
+                           if compile_model and fast_path and self.policy.reduced_dtypes
+                           else None)
         self.engine = MACEEngine(
             self.models[0], z_table_atomic_numbers=self.z_table.zs, r_max=self.r_max,
             device=torch_device, skin_A=skin_A, use_cuda_graph=use_cuda_graph,
-            head=self.head, compile_model=compile_model) if fast_path else None
+            head=self.head, compile_model=compile_model,
+            reference_model=reference_model) if fast_path else None
         if compile_model and self.engine is None:
             raise CalculatorSetupError("compile_model=True needs the fast path "
                                        "(fast_path=True or 'auto', and a single model)")
@@ -193,17 +217,23 @@ class LowPrecisionMACECalculator(MACECalculator):
 
     def check_atoms(self, atoms) -> None:
         """Refuse structures the model cannot evaluate, naming the problem."""
-        unknown = sorted(set(np.unique(atoms.numbers)) - self.known_numbers)
-        if unknown:
-            raise CalculatorSetupError(
-                f"the model does not know element(s) {', '.join(chemical_symbols[z] for z in unknown)}; "
-                f"it knows {', '.join(chemical_symbols[z] for z in sorted(self.known_numbers))}")
+        # MD repeats the same numbers at every step: check the elements only when they change.
+        if not np.array_equal(atoms.numbers, self._checked_numbers):
+            self._check_elements(atoms.numbers)
+            self._checked_numbers = atoms.numbers.copy()
         positions = atoms.positions
         if not np.isfinite(positions).all():
             bad = np.flatnonzero(~np.isfinite(positions).all(axis=1))
             raise CalculationFailed(f"non-finite positions for atom(s) {bad[:10].tolist()}")
         if atoms.pbc.any() and abs(atoms.cell.volume) < 1e-9:
             raise CalculatorSetupError("periodic structure with a zero-volume cell")
+
+    def _check_elements(self, numbers: np.ndarray) -> None:
+        unknown = sorted(set(np.unique(numbers)) - self.known_numbers)
+        if unknown:
+            raise CalculatorSetupError(
+                f"the model does not know element(s) {', '.join(chemical_symbols[z] for z in unknown)}; "
+                f"it knows {', '.join(chemical_symbols[z] for z in sorted(self.known_numbers))}")
 
     def calculate(self, atoms=None, properties=None, system_changes=all_changes):
         Calculator.calculate(self, atoms)
@@ -249,7 +279,7 @@ class LowPrecisionMACECalculator(MACECalculator):
                 bad = np.flatnonzero(~np.isfinite(forces).all(axis=1))
                 raise CalculationFailed(f"MACE returned non-finite forces on atom(s) "
                                         f"{bad[:10].tolist()} under policy {self.policy.name!r}")
-            largest = float(np.linalg.norm(forces, axis=1).max(initial=0.0))
+            largest = float(np.sqrt(np.einsum("ij,ij->i", forces, forces).max(initial=0.0)))
             if largest > EXPLODING_FORCE_EV_A:
                 raise CalculationFailed(
                     f"exploding forces: max |F| = {largest:.3g} eV/Å exceeds "

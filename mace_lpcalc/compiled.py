@@ -14,6 +14,14 @@ again; inductor's on-disk cache serves counts seen before, also in later process
 Each compiled function is checked once against the eager model; a failed compilation
 or check logs a warning and the calls fall back to the eager model, so compiling never
 changes results beyond rounding.
+
+With 16-bit operands "beyond rounding" needs care. Fused kernels change the fp32
+arithmetic (order, intermediates kept in registers) by about 1e-6, and that moves some
+values across 16-bit rounding boundaries: on an H200 the compiled fp32-linear-bf16 call
+differs from the eager one by 3e-3 in the forces, yet both are 1.2e-2 from fp64. Such a
+policy is therefore checked for accuracy instead: against the same model without
+reduced-precision operands, the compiled call may be off by at most
+``CHECK_ROUNDING_MARGIN`` times the eager call's own error (plus ``CHECK_TOLERANCE``).
 """
 
 from __future__ import annotations
@@ -32,12 +40,16 @@ logger = logging.getLogger(__name__)
 BATCH_KEYS = ("positions", "node_attrs", "edge_index", "shifts", "unit_shifts", "cell",
               "batch", "ptr", "head")
 #: Largest relative L2 difference between compiled and eager results that the check
-#: accepts, 16-bit operands or not: compilation changes only fp32 rounding (fused and
-#: reordered arithmetic; measured 1e-6), while a frozen or missing operator shows as about
-#: 1e-3 or more at the check's displaced positions.
+#: accepts: compilation changes only fp32 rounding (fused and reordered arithmetic;
+#: measured 1e-6), while a frozen or missing operator shows as about 1e-2 at the check's
+#: displaced positions.
 CHECK_TOLERANCE = 1e-4
-#: Random displacement (Å, per coordinate) of the positions the check evaluates.
-CHECK_DISPLACEMENT_A = 0.05
+#: With 16-bit operands: how many times the eager call's error (against the model
+#: without them) the compiled call may have. Measured ratios are 0.98-1.01.
+CHECK_ROUNDING_MARGIN = 1.25
+#: Random displacement (Å, per coordinate) of the positions the check evaluates: far
+#: enough from the traced ones that a frozen operator shows above 16-bit rounding.
+CHECK_DISPLACEMENT_A = 0.1
 #: ``torch.compile`` backend for the traced graph ("aot_eager" skips code generation).
 COMPILER_BACKEND = "inductor"
 
@@ -50,10 +62,14 @@ class CompiledModelCall:
             eagerly (what is traced, the reference of the check and the fallback). The
             model's weights are baked into the compiled functions, so they must not change
             afterwards.
+        reference_call: for a model with 16-bit operands, the same call on the model
+            without them (its fp32 or fp64 master weights); the check then compares
+            accuracies against it (see the module docstring). None: compare with eager.
     """
 
-    def __init__(self, eager_call):
+    def __init__(self, eager_call, reference_call=None):
         self._eager_call = eager_call
+        self._reference_call = reference_call
         #: Per stress flag: the (nodes, edges) compiled for and the compiled function.
         self._functions: dict[bool, tuple[tuple[int, int], object]] = {}
         #: Why the compiled path was abandoned, or None while it is in use.
@@ -62,6 +78,13 @@ class CompiledModelCall:
         self.setup_seconds = 0.0
         #: Relative L2 difference from the eager model per output, at the last check.
         self.check_deviation: dict[str, float] = {}
+        #: With a reference call: per output, the (compiled, eager) relative L2 errors
+        #: against it at the last check.
+        self.check_errors: dict[str, tuple[float, float]] = {}
+
+    def invalidate(self) -> None:
+        """Forget the compiled functions (the model's evaluation changed); compile anew."""
+        self._functions.clear()
 
     @property
     def active(self) -> bool:
@@ -104,17 +127,28 @@ class CompiledModelCall:
             positions.shape, generator=generator, dtype=positions.dtype,
             device=positions.device))
         compiled = self._run(displaced, compute_stress)
-        eager = self._eager_call(displaced, compute_stress)
-        self.check_deviation = {
-            name: float(torch.linalg.vector_norm(value - eager[name].detach())
-                        / torch.linalg.vector_norm(eager[name].detach()).clamp_min(1e-30))
-            for name, value in compiled.items()}
-        for name, deviation in self.check_deviation.items():
-            if not deviation <= CHECK_TOLERANCE:  # also catches NaN
-                raise ValueError(f"compiled {name} differs from eager by {deviation:.2e} "
-                                 f"(relative L2; tolerance {CHECK_TOLERANCE:g}) at "
-                                 f"{batch['node_attrs'].shape[0]} nodes, "
-                                 f"{batch['edge_index'].shape[1]} edges")
+        eager = _detached(self._eager_call(displaced, compute_stress))
+        self.check_deviation = {name: _relative_l2(value, eager[name])
+                                for name, value in compiled.items()}
+        where = (f"at {batch['node_attrs'].shape[0]} nodes, "
+                 f"{batch['edge_index'].shape[1]} edges")
+        if self._reference_call is None:
+            for name, deviation in self.check_deviation.items():
+                if not deviation <= CHECK_TOLERANCE:  # also catches NaN
+                    raise ValueError(f"compiled {name} differs from eager by {deviation:.2e} "
+                                     f"(relative L2; tolerance {CHECK_TOLERANCE:g}) {where}")
+            return
+        reference = _detached(self._reference_call(displaced, compute_stress))
+        self.check_errors = {name: (_relative_l2(value, reference[name]),
+                                    _relative_l2(eager[name], reference[name]))
+                             for name, value in compiled.items()}
+        for name, (compiled_error, eager_error) in self.check_errors.items():
+            if not compiled_error <= CHECK_ROUNDING_MARGIN * eager_error + CHECK_TOLERANCE:
+                raise ValueError(
+                    f"compiled {name} is less accurate than eager: relative L2 error "
+                    f"{compiled_error:.2e} vs {eager_error:.2e} against the model without "
+                    f"16-bit operands (allowed: {CHECK_ROUNDING_MARGIN:g}x + "
+                    f"{CHECK_TOLERANCE:g}) {where}")
 
     def _compile(self, batch: dict, compute_stress: bool):
         names = _output_names(compute_stress)
@@ -127,6 +161,16 @@ class CompiledModelCall:
         with _script_functions_as_python():
             graph = make_fx(energy_forces)(*(batch[key] for key in BATCH_KEYS))
         return torch.compile(graph, backend=COMPILER_BACKEND, dynamic=False, fullgraph=True)
+
+
+def _detached(outputs: dict) -> dict:
+    return {name: value.detach() for name, value in outputs.items() if torch.is_tensor(value)}
+
+
+def _relative_l2(value: torch.Tensor, reference: torch.Tensor) -> float:
+    difference = value.double() - reference.double()
+    return float(torch.linalg.vector_norm(difference)
+                 / torch.linalg.vector_norm(reference.double()).clamp_min(1e-30))
 
 
 def _output_names(compute_stress: bool) -> tuple[str, ...]:

@@ -6,8 +6,9 @@ then thousands of small kernel launches. :class:`MACEEngine` keeps the model inp
 the device between calls and per step only
 
 1. copies the new positions and cell in (one host-to-device copy),
-2. decides on the device whether the Verlet list (built at ``r_max + skin``) is still
-   valid (one flag read), rebuilding it with vesin on the same device when not,
+2. decides on the host, from the positions it already has, whether the Verlet list
+   (built at ``r_max + skin``) is still valid, rebuilding it with vesin on the device
+   when not,
 3. replays a captured CUDA graph that first selects, from the Verlet list, the edges
    shorter than ``r_max`` into fixed-capacity edge buffers, then evaluates energy +
    forces (+ stress) — or runs the same code eagerly on CPU, or where capture is
@@ -16,6 +17,9 @@ the device between calls and per step only
 
 The selection makes the skin free for the model: it always sees exactly the edges
 inside the cutoff, while vesin runs only every few steps instead of at every step.
+
+The model's element-dependent skip connections are evaluated for the elements present
+only (:mod:`mace_lpcalc.element_skip`), which MACEEngine converts them to in place.
 
 With ``compile_model`` the model call is traced, backward pass included, and fused by
 TorchInductor (:mod:`mace_lpcalc.compiled`); the CUDA graph then replays that.
@@ -48,6 +52,7 @@ import torch
 from mace.modules import utils as mace_utils
 
 from mace_lpcalc.compiled import CompiledModelCall
+from mace_lpcalc.element_skip import convert_element_skips
 from mace_lpcalc.neighbors import VerletNeighborList, _check_pbc
 
 logger = logging.getLogger(__name__)
@@ -77,7 +82,8 @@ class MACEEngine:
     Args:
         model: a prepared MACE model (any float dtype, possibly with 16-bit Linear
             wrappers), called like mace's calculator calls it. Moved to ``device``; its
-            parameters stop requiring gradients (as in mace's calculator).
+            parameters stop requiring gradients (as in mace's calculator), and its skip
+            connections become :class:`mace_lpcalc.element_skip.ElementSkip` modules.
         z_table_atomic_numbers: the model's elements, in its one-hot order.
         r_max: the model's cutoff radius in Å.
         device: where the model and all per-step tensors live.
@@ -93,12 +99,15 @@ class MACEEngine:
             (forward and backward fused by TorchInductor; the first use of a model compiles
             for about a minute, later processes load inductor's cache). Falls back to the
             eager model, with a warning, where compilation or its check fails.
+        reference_model: with ``compile_model`` and a model with 16-bit operands: the same
+            model without them, against which the compiled call's accuracy is checked (it
+            must be about as accurate as the eager call; see :mod:`mace_lpcalc.compiled`).
     """
 
     def __init__(self, model: torch.nn.Module, *, z_table_atomic_numbers, r_max: float,
                  device="cpu", skin_A: float = DEFAULT_SKIN_A, use_cuda_graph="auto",
                  edge_headroom: float = 1.05, head: str | None = None,
-                 compile_model: bool = False):
+                 compile_model: bool = False, reference_model: torch.nn.Module | None = None):
         self.device = torch.device(device)
         if use_cuda_graph not in ("auto", True, False):
             raise ValueError(
@@ -115,7 +124,10 @@ class MACEEngine:
         self.model = model.to(self.device)
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
-        self.dtype = next(self.model.parameters()).dtype
+        self._element_skips = convert_element_skips(self.model)
+        #: One-hot columns (model element indices) present in the system, padding included.
+        self._elements_in_use: tuple[int, ...] | None = None
+        self.dtype = _float_dtype(self.model)
         if self.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"model parameters must be float32 or float64, got {self.dtype}")
         self.r_max = float(r_max)
@@ -126,7 +138,15 @@ class MACEEngine:
         self.use_cuda_graph = (self.device.type == "cuda" if use_cuda_graph == "auto"
                                else bool(use_cuda_graph))
         self.neighbors = VerletNeighborList(self.r_max, skin_A)
-        self.compiled = CompiledModelCall(self._eager_model_call) if compile_model else None
+        self.compiled = None
+        if compile_model:
+            reference_call = None
+            if reference_model is not None:
+                reference_model = reference_model.to(self.device).requires_grad_(False)
+                reference_call = lambda batch, compute_stress: _eager_model_call(  # noqa: E731
+                    reference_model, _cast_floats(batch, _float_dtype(reference_model)),
+                    compute_stress)
+            self.compiled = CompiledModelCall(self._eager_model_call, reference_call)
         #: Number of CUDA graphs captured so far (each capture costs a few model calls).
         self.n_graph_captures = 0
         self._capture_failed: set[bool] = set()
@@ -177,7 +197,8 @@ class MACEEngine:
         host_in[:n_atoms] = positions
         host_in[n_atoms:] = cell
         self._device_in.copy_(self._host_in, non_blocking=True)
-        if self.neighbors.update(self._device_in[:n_atoms], self._device_in[n_atoms:], pbc):
+        if self.neighbors.update(self._device_in[:n_atoms], self._device_in[n_atoms:], pbc,
+                                 host_positions=positions, host_cell=cell):
             self._load_candidates()
         out = self._evaluate_and_read(bool(compute_stress))
         n_edges = int(out[-1])
@@ -221,6 +242,14 @@ class MACEEngine:
         n_atoms = len(numbers)
         if self._numbers is None or len(self._numbers) != n_atoms:
             self._allocate_system(n_atoms)
+        # Padding nodes are element 0. Graphs and compiled calls evaluate the skip
+        # connections for these elements only, so a new set needs new ones.
+        elements = tuple(sorted({self._species_index[int(z)] for z in numbers} | {0}))
+        if elements != self._elements_in_use:
+            self._elements_in_use = elements
+            self._drop_graphs()
+            if self.compiled is not None:
+                self.compiled.invalidate()
         # Written in place so that captured graphs, which read these buffers, stay valid.
         self._node_attrs[:n_atoms] = 0
         self._node_attrs[torch.arange(n_atoms, device=self.device), indices] = 1
@@ -361,10 +390,11 @@ class MACEEngine:
             "ptr": self._ptr,
             "head": self._head,
         }
-        if self.compiled is not None:
-            output = self.compiled(batch, compute_stress)
-        else:
-            output = self._eager_model_call(batch, compute_stress)
+        with _elements_in_use(self._element_skips, self._elements_in_use):
+            if self.compiled is not None:
+                output = self.compiled(batch, compute_stress)
+            else:
+                output = self._eager_model_call(batch, compute_stress)
         with torch.no_grad():
             self._out[0] = output["energy"][0]
             self._out[1:1 + 3 * n_atoms] = output["forces"][:n_atoms].reshape(-1)
@@ -374,10 +404,7 @@ class MACEEngine:
             self._out[-1] = n_edges
 
     def _eager_model_call(self, batch: dict, compute_stress: bool) -> dict:
-        # A fresh leaf sharing the buffer's memory: the model sets requires_grad on it.
-        batch = dict(batch, positions=batch["positions"].detach())
-        with torch.enable_grad(), _gather_by_index_select():
-            return self.model(batch, compute_stress=compute_stress, training=False)
+        return _eager_model_call(self.model, batch, compute_stress)
 
     def _run(self, compute_stress: bool) -> None:
         graph = None
@@ -426,6 +453,22 @@ class MACEEngine:
         self._graphs.clear()
 
 
+def _eager_model_call(model: torch.nn.Module, batch: dict, compute_stress: bool) -> dict:
+    # A fresh leaf sharing the buffer's memory: the model sets requires_grad on it.
+    batch = dict(batch, positions=batch["positions"].detach())
+    with torch.enable_grad(), _gather_by_index_select():
+        return model(batch, compute_stress=compute_stress, training=False)
+
+
+def _float_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def _cast_floats(batch: dict, dtype: torch.dtype) -> dict:
+    return {key: value.to(dtype) if value.is_floating_point() else value
+            for key, value in batch.items()}
+
+
 def _round_up(count: float) -> int:
     return _EDGE_CAPACITY_MULTIPLE * max(1, math.ceil(count / _EDGE_CAPACITY_MULTIPLE))
 
@@ -444,6 +487,19 @@ def _edge_vectors_and_lengths(positions, edge_index, shifts, normalize: bool = F
     if normalize:
         return vectors / (lengths + eps), lengths
     return vectors, lengths
+
+
+@contextlib.contextmanager
+def _elements_in_use(skips, elements):
+    """Restrict the skip connections to ``elements`` for one call; others who share the
+    model (mace's calculator, another engine) see all elements again afterwards."""
+    for skip in skips:
+        skip.use_elements(elements)
+    try:
+        yield
+    finally:
+        for skip in skips:
+            skip.use_elements(None)
 
 
 @contextlib.contextmanager

@@ -126,9 +126,10 @@ class VerletNeighborList:
 
     Displacements are measured on the positions as given, never wrapped: an atom that
     crosses the cell boundary keeps its list (its shifts already account for it), and
-    nothing jumps by a cell vector. The decision is computed on the positions' device;
-    reading it back is the only host synchronisation of a step without rebuild.
-    ``skin_A = 0`` rebuilds whenever any position or the cell changed at all.
+    nothing jumps by a cell vector. The decision is taken in float64 on the host: callers
+    that hold the positions there anyway (an ASE calculator) pass them along and a step
+    without rebuild launches nothing on the device. ``skin_A = 0`` rebuilds whenever any
+    position or the cell changed at all.
     """
 
     def __init__(self, cutoff_A: float, skin_A: float = 0.0):
@@ -143,34 +144,40 @@ class VerletNeighborList:
         self.edge_index: torch.Tensor | None = None
         self.unit_shifts: torch.Tensor | None = None
         self._pbc: tuple[bool, bool, bool] | None = None
-        self._reference_positions: torch.Tensor | None = None
-        self._reference_cell: torch.Tensor | None = None
-        self._reference_cell_inverse: torch.Tensor | None = None
-        self._periodic_rows: torch.Tensor | None = None
+        self._device: torch.device | None = None
+        self._reference_positions: np.ndarray | None = None
+        self._reference_cell: np.ndarray | None = None
+        self._reference_cell_inverse: np.ndarray | None = None
 
     @property
     def n_edges(self) -> int:
         """Number of edges in the current list (0 before the first build)."""
         return 0 if self.edge_index is None else int(self.edge_index.shape[1])
 
-    def update(self, positions: torch.Tensor, cell: torch.Tensor, pbc) -> bool:
+    def update(self, positions: torch.Tensor, cell: torch.Tensor, pbc, *,
+               host_positions: np.ndarray | None = None,
+               host_cell: np.ndarray | None = None) -> bool:
         """Rebuild the list if it may miss a pair inside the cutoff; return whether it did.
 
         ``positions`` (n_atoms, 3) and ``cell`` (3, 3) are in Å on one device; the list
         (``edge_index``, ``unit_shifts`` in ``positions.dtype``) lives there too.
+        ``host_positions`` and ``host_cell``, if given, are the same values as float64
+        NumPy arrays; otherwise they are copied from the device.
         """
         pbc = _check_pbc(pbc)
-        if not self._needs_rebuild(positions, cell, pbc):
+        if host_positions is None or host_cell is None:
+            host_positions, host_cell = (tensor.detach().cpu().double().numpy()
+                                         for tensor in (positions, cell))
+        if not self._needs_rebuild(host_positions, host_cell, pbc, positions.device):
             return False
         pbc = _check_inputs(positions, cell, pbc, self.cutoff_A)
         self.edge_index, self.unit_shifts = self._vesin.compute(
             positions, cell, pbc, positions.dtype)
-        self._pbc = pbc
-        self._reference_positions = positions.detach().to(torch.float64).clone()
-        self._reference_cell = cell.detach().to(torch.float64).clone()
+        self._pbc, self._device = pbc, positions.device
+        self._reference_positions = np.array(host_positions, dtype=np.float64)
+        self._reference_cell = np.array(host_cell, dtype=np.float64)
         if all(pbc):
-            self._reference_cell_inverse = torch.linalg.inv(self._reference_cell)
-        self._periodic_rows = torch.tensor(pbc, device=cell.device)[:, None]
+            self._reference_cell_inverse = np.linalg.inv(self._reference_cell)
         self.n_builds += 1
         return True
 
@@ -178,31 +185,24 @@ class VerletNeighborList:
         """Make the next :meth:`update` rebuild, whatever the positions."""
         self._reference_positions = None
 
-    def _needs_rebuild(self, positions: torch.Tensor, cell: torch.Tensor,
-                       pbc: tuple[bool, bool, bool]) -> bool:
+    def _needs_rebuild(self, positions: np.ndarray, cell: np.ndarray,
+                       pbc: tuple[bool, bool, bool], device: torch.device) -> bool:
         reference = self._reference_positions
         if (reference is None or pbc != self._pbc or reference.shape != positions.shape
-                or reference.device != positions.device):
+                or device != self._device):
             return True
-        return bool(self._rebuild_flag(positions.detach().to(torch.float64),
-                                       cell.detach().to(torch.float64)))
-
-    def _rebuild_flag(self, positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
-        """A 0-d bool tensor on the positions' device; no host synchronisation here."""
-        if all(self._pbc):
-            identity = torch.eye(3, dtype=torch.float64, device=cell.device)
-            # An unchanged cell gives F = I exactly, so NVT/NVE follow the plain skin/2 rule
-            # without rounding noise from H⁻¹H.
-            unchanged = (cell == self._reference_cell).all()
-            deformation = torch.where(unchanged, identity, self._reference_cell_inverse @ cell)
-            displacement = positions - self._reference_positions @ deformation
-            strain = torch.linalg.matrix_norm(deformation - identity)
-            budget_used = (2 * torch.linalg.vector_norm(displacement, dim=1).max()
-                           + (self.cutoff_A + self.skin_A) * strain)
-            return ~(budget_used <= self.skin_A)  # NaN positions rebuild (and are refused)
-        displacement = positions - self._reference_positions
-        moved_too_far = ~(2 * torch.linalg.vector_norm(displacement, dim=1).max() <= self.skin_A)
-        if any(self._pbc):
-            cell_changed = ((cell != self._reference_cell) & self._periodic_rows).any()
-            return moved_too_far | cell_changed
-        return moved_too_far
+        if all(pbc) and not np.array_equal(cell, self._reference_cell):
+            deformation = self._reference_cell_inverse @ cell
+            displacement = positions - reference @ deformation
+            strain = np.linalg.norm(deformation - np.eye(3))
+        else:
+            # An unchanged cell gives F = I exactly, so NVT/NVE follow the plain skin/2
+            # rule without rounding noise from H⁻¹H.
+            displacement, strain = positions - reference, 0.0
+            if any(pbc) and not all(pbc):
+                periodic = np.asarray(pbc)
+                if (cell[periodic] != self._reference_cell[periodic]).any():
+                    return True
+        largest = np.sqrt(np.einsum("ij,ij->i", displacement, displacement).max())
+        budget_used = 2 * largest + (self.cutoff_A + self.skin_A) * strain
+        return not budget_used <= self.skin_A  # NaN positions rebuild (and are refused)

@@ -1,5 +1,6 @@
 """The compiled energy+forces(+stress) call against the eager model, and its safety net."""
 
+import copy
 import logging
 
 import mace  # noqa: F401  -- before e3nn
@@ -12,7 +13,7 @@ from mace_lpcalc import compiled
 from mace_lpcalc.calculator import LowPrecisionMACECalculator
 from mace_lpcalc.engine import MACEEngine
 from mace_lpcalc.models import build_tiny_model
-from mace_lpcalc.policies import apply_policy
+from mace_lpcalc.policies import apply_policy, strip_policy
 from mace_lpcalc.systems import water_box
 
 ELEMENTS = (1, 8)
@@ -117,6 +118,50 @@ def test_a_function_blind_to_positions_is_caught_away_from_the_traced_inputs(
     assert "differs from eager" in fast.compiled.failure
 
 
+def _mixed_compile(monkeypatch, eager_weight):
+    """Compiled functions returning reference + eager_weight * (eager - reference): as far
+    from the model without 16-bit operands as ``eager_weight`` times the eager error."""
+    def compile_mixture(self, batch, compute_stress):
+        def mixture(*inputs):
+            batch = dict(zip(compiled.BATCH_KEYS, inputs))
+            eager = self._eager_call(batch, compute_stress)
+            reference = self._reference_call(batch, compute_stress)
+            return tuple((reference[name] + eager_weight * (eager[name] - reference[name]))
+                         .detach() for name in compiled._output_names(compute_stress))
+        return mixture
+    monkeypatch.setattr(compiled.CompiledModelCall, "_compile", compile_mixture)
+
+
+def _engines_16bit():
+    model = _model("fp32-linear-bf16")
+    reference = strip_policy(copy.deepcopy(model))
+    return MACEEngine(model, z_table_atomic_numbers=ELEMENTS, r_max=R_MAX, compile_model=True,
+                      reference_model=reference)
+
+
+def test_a_16bit_call_rounding_differently_but_as_accurately_is_accepted(monkeypatch, water):
+    """Compiled bf16 calls differ from eager ones by 3e-3 on an H200 (fp32 reordering moves
+    values across bf16 rounding boundaries) while equally far from fp32: accepted."""
+    _mixed_compile(monkeypatch, eager_weight=0.8)
+    fast = _engines_16bit()
+    _compute(fast, water)
+    assert fast.compiled.active, fast.compiled.failure
+    assert fast.compiled.check_deviation["forces"] > 5 * compiled.CHECK_TOLERANCE
+    compiled_error, eager_error = fast.compiled.check_errors["forces"]
+    assert compiled_error == pytest.approx(0.8 * eager_error, rel=1e-3)
+
+
+def test_a_16bit_call_less_accurate_than_eager_is_refused(monkeypatch, water):
+    _mixed_compile(monkeypatch, eager_weight=1.5)
+    fast = _engines_16bit()
+    got = _compute(fast, water)
+    assert not fast.compiled.active
+    assert "less accurate than eager" in fast.compiled.failure
+    eager = MACEEngine(_model("fp32-linear-bf16"), z_table_atomic_numbers=ELEMENTS, r_max=R_MAX)
+    np.testing.assert_allclose(got["forces"], _compute(eager, water)["forces"], rtol=1e-6,
+                               atol=1e-9)
+
+
 def test_a_compilation_error_falls_back_to_the_eager_model(monkeypatch, water):
     def refuse(self, batch, compute_stress):
         raise RuntimeError("no compiler here")
@@ -134,6 +179,13 @@ def test_calculator_records_compilation_and_refuses_it_without_the_fast_path(
     assert calc.engine is not None and calc.parameters["compile_model"] is True
     water.calc = calc
     assert np.isfinite(water.get_forces()).all() and calc.engine.compiled.active
+    assert calc.engine.compiled._reference_call is None  # fp32: checked against eager
+    bf16 = LowPrecisionMACECalculator(models=build_tiny_model(ELEMENTS, r_max=R_MAX),
+                                      policy="fp32-linear-bf16", compile_model=True)
+    bf16.get_forces(water)
+    compiled_error, eager_error = bf16.engine.compiled.check_errors["forces"]
+    assert bf16.engine.compiled.active and compiled_error == pytest.approx(eager_error)
+    assert eager_error > 1e-4  # the reference really is the model without bf16 operands
     with pytest.raises(CalculatorSetupError, match="compile_model=True needs the fast path"):
         LowPrecisionMACECalculator(models=build_tiny_model(ELEMENTS, r_max=R_MAX),
                                    compile_model=True, fast_path=False)
@@ -157,6 +209,22 @@ def test_cuda_trace_after_torchscript_fused_the_spherical_harmonics():
     assert fast.compiled.active, fast.compiled.failure
     assert fast.compiled.check_deviation["forces"] < 1e-5
     assert _relative(got["forces"], _compute(eager, atoms, stress=False)["forces"]) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fused convolutions are CUDA-only")
+def test_cuda_16bit_compiled_call_is_checked_against_a_working_fp32_copy(trace_only):
+    """The reference of a 16-bit check is a copy of the model; cuEquivariance rebuilds its
+    kernels on copying, which dropped mace's fused convolution (the copy then failed on
+    its first call, and every compiled 16-bit call fell back to eager)."""
+    calc = LowPrecisionMACECalculator(models=build_tiny_model(ELEMENTS, r_max=R_MAX),
+                                      device="cuda", policy="fp32-linear-bf16",
+                                      backend="cuequivariance", compile_model=True)
+    atoms = water_box(27, seed=3)
+    atoms.calc = calc
+    atoms.get_forces()
+    assert calc.engine.compiled.active, calc.engine.compiled.failure
+    compiled_error, eager_error = calc.engine.compiled.check_errors["forces"]
+    assert 1e-4 < eager_error and compiled_error == pytest.approx(eager_error, rel=1e-3)
 
 
 def test_a_compiled_engine_regrows_its_edge_capacity_with_extra_headroom(trace_only):
