@@ -11,7 +11,6 @@ Everything else (integrators, optimizers, ``atoms.get_forces()``) is unchanged.
 
 from __future__ import annotations
 
-import copy
 import glob
 import platform
 from importlib import metadata
@@ -25,13 +24,13 @@ from ase.calculators.calculator import (CalculationFailed, Calculator, Calculato
 from ase.data import chemical_symbols
 from ase.stress import full_3x3_to_voigt_6_stress
 from mace.calculators.mace import MACECalculator
-from mace.modules.wrapper_ops import with_cueq_conv_fusion
 
 from .engine import DEFAULT_SKIN_A, MACEEngine
 
 from .models import ModelLoadError, load_model, model_elements, model_hash
 from .policies import (apply_policy, check_device_supports, check_single_backend,
-                       get_policy, model_backend, policy_context, strip_policy)
+                       copy_without_policy, get_policy, model_backend,
+                       policy_context)
 
 BACKENDS = ("auto", "e3nn", "cuequivariance")
 #: Forces above this (eV/Å) on any atom mean the model has left its domain; MD must stop.
@@ -70,22 +69,6 @@ def _convert_backend(model: torch.nn.Module, backend: str, device: str) -> torch
         return convert(model, device=device).to(device)
     finally:
         torch.set_default_dtype(saved_dtype)
-
-
-def _copy_without_policy(model: torch.nn.Module) -> torch.nn.Module:
-    """A separate copy of ``model`` without its precision policy's wrappers.
-
-    cuEquivariance's ``SegmentedPolynomial`` deep-copies (and pickles) by rebuilding itself
-    from its polynomial, which drops the fused-convolution ``forward`` mace installs on the
-    instance; the copy gets it again.
-    """
-    reference = strip_policy(copy.deepcopy(model))
-    for original, copied in zip(getattr(model, "interactions", ()),
-                                getattr(reference, "interactions", ())):
-        if (hasattr(original.conv_tp, "original_forward")
-                and not hasattr(copied.conv_tp, "original_forward")):
-            with_cueq_conv_fusion(copied.conv_tp)
-    return reference
 
 
 def package_versions() -> dict[str, str]:
@@ -180,7 +163,7 @@ class LowPrecisionMACECalculator(MACECalculator):
                                        "fast_path=False")
         # A compiled 16-bit call is checked for accuracy against the model without its
         # 16-bit operands (see mace_lpcalc.compiled).
-        reference_model = (_copy_without_policy(self.models[0])
+        reference_model = (copy_without_policy(self.models[0])
                            if compile_model and fast_path and self.policy.reduced_dtypes
                            else None)
         self.engine = MACEEngine(

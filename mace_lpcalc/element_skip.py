@@ -26,7 +26,7 @@ import mace  # noqa: F401  -- before e3nn
 import torch
 from e3nn import o3
 
-from .policies import _flat_index
+from .policies import _flat_index, block_as_rows, rows_as_block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,15 +94,11 @@ class ElementSkip(torch.nn.Module):
             if block.in_start is None:
                 pieces.append(x.new_zeros(rows, block.mul_out * block.ir_dim))
                 continue
-            part = x[:, block.in_start:block.in_start + block.mul_in * block.ir_dim]
-            if self.layout == "mul_ir":
-                part = part.reshape(rows, block.mul_in, block.ir_dim).transpose(1, 2)
-            products = (part.reshape(rows * block.ir_dim, block.mul_in) @ weight).view(
-                rows, block.ir_dim, len(self.elements), block.mul_out)
+            part = block_as_rows(x, self.layout, block.in_start, block.mul_in, block.ir_dim)
+            products = (part @ weight).view(rows, block.ir_dim, len(self.elements),
+                                            block.mul_out)
             out = (products * one_hot).sum(dim=2)  # (rows, ir_dim, mul_out)
-            if self.layout == "mul_ir":
-                out = out.transpose(1, 2)
-            pieces.append(out.reshape(rows, block.mul_out * block.ir_dim))
+            pieces.append(rows_as_block(out, self.layout, rows, block.ir_dim, block.mul_out))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
 

@@ -35,12 +35,14 @@ exactly, so an unknown layout raises an error instead of silently permuting chan
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 
 import mace  # noqa: F401  -- before e3nn
 import torch
 from e3nn import o3
 from e3nn.nn._fc import _Layer as E3nnDenseLayer
+from mace.modules.wrapper_ops import with_cueq_conv_fusion
 
 try:
     import cuequivariance_torch as cuet
@@ -220,20 +222,34 @@ class IrrepBlockLinear(_OperandCache):
             if block_weight is None:  # an output irrep no input reaches: zero, as in e3nn
                 pieces.append(x.new_zeros(rows, block.mul_out * block.ir_dim))
                 continue
-            features = []
-            for source in block.sources:
-                part = x[:, source.in_start:source.in_start + source.mul_in * block.ir_dim]
-                if self.layout == "mul_ir":
-                    part = part.reshape(rows, source.mul_in, block.ir_dim).transpose(1, 2)
-                features.append(part.reshape(rows * block.ir_dim, source.mul_in))
+            features = [block_as_rows(x, self.layout, source.in_start, source.mul_in,
+                                      block.ir_dim) for source in block.sources]
             # One product over all sources, so the whole sum accumulates in fp32.
             stacked = features[0] if len(features) == 1 else torch.cat(features, dim=1)
             out = self.matmul(stacked.to(self.operand_dtype), block_weight)
-            out = out.to(x.dtype).reshape(rows, block.ir_dim, block.mul_out)
-            if self.layout == "mul_ir":
-                out = out.transpose(1, 2)
-            pieces.append(out.reshape(rows, block.mul_out * block.ir_dim))
+            pieces.append(rows_as_block(out.to(x.dtype), self.layout, rows, block.ir_dim,
+                                        block.mul_out))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+
+def block_as_rows(x: torch.Tensor, layout: str, start: int, mul: int,
+                  ir_dim: int) -> torch.Tensor:
+    """One irrep block of ``x`` (columns ``start``.. in ``layout``) as (rows*ir_dim, mul):
+    each of the irrep's components is a row of ``mul`` channels, ready for a matmul."""
+    rows = x.shape[0]
+    part = x[:, start:start + mul * ir_dim]
+    if layout == "mul_ir":
+        part = part.reshape(rows, mul, ir_dim).transpose(1, 2)
+    return part.reshape(rows * ir_dim, mul)
+
+
+def rows_as_block(out: torch.Tensor, layout: str, rows: int, ir_dim: int,
+                  mul: int) -> torch.Tensor:
+    """The inverse of :func:`block_as_rows`: (rows*ir_dim, mul) back to (rows, mul*ir_dim)."""
+    out = out.reshape(rows, ir_dim, mul)
+    if layout == "mul_ir":
+        out = out.transpose(1, 2)
+    return out.reshape(rows, mul * ir_dim)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -509,6 +525,22 @@ def strip_policy(model: torch.nn.Module) -> torch.nn.Module:
     _replace_modules(model, lambda module: next(iter(module.children()))
                      if isinstance(module, _WRAPPERS) else None)
     return model
+
+
+def copy_without_policy(model: torch.nn.Module) -> torch.nn.Module:
+    """A separate copy of ``model`` with the policy's wrappers stripped (``model`` keeps them).
+
+    cuEquivariance's ``SegmentedPolynomial`` deep-copies (and pickles) by rebuilding itself
+    from its polynomial, which drops the fused-convolution ``forward`` mace installs on the
+    instance; the copy gets it again.
+    """
+    copied_model = strip_policy(copy.deepcopy(model))
+    for original, copied in zip(getattr(model, "interactions", ()),
+                                getattr(copied_model, "interactions", ())):
+        if (hasattr(original.conv_tp, "original_forward")
+                and not hasattr(copied.conv_tp, "original_forward")):
+            with_cueq_conv_fusion(copied.conv_tp)
+    return copied_model
 
 
 def _fused_convolutions(model: torch.nn.Module):

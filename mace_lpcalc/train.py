@@ -28,7 +28,6 @@ ops without a deterministic kernel only warn.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
@@ -52,7 +51,7 @@ from scipy.sparse.csgraph import connected_components
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .models import build_model
-from .policies import apply_policy, policy_context, strip_policy
+from .policies import apply_policy, copy_without_policy, policy_context
 from .training_policies import TRAINING_POLICIES, TrainingPolicy, get_training_policy
 
 #: The shipped water model's architecture: invariant messages, small enough to train on a
@@ -267,7 +266,7 @@ class Trainer:
 
     def plain_model(self) -> torch.nn.Module:
         """A deep copy of ``eval_model`` with the policy's wrappers stripped, on the CPU."""
-        return strip_policy(copy.deepcopy(self.eval_model)).cpu()
+        return copy_without_policy(self.eval_model).cpu()
 
 
 def error_metrics(split: Split, predictions: list[dict]) -> dict:

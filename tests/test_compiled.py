@@ -1,6 +1,5 @@
 """The compiled energy+forces(+stress) call against the eager model, and its safety net."""
 
-import copy
 import logging
 
 import mace  # noqa: F401  -- before e3nn
@@ -13,7 +12,7 @@ from mace_lpcalc import compiled
 from mace_lpcalc.calculator import LowPrecisionMACECalculator
 from mace_lpcalc.engine import MACEEngine
 from mace_lpcalc.models import build_tiny_model
-from mace_lpcalc.policies import apply_policy, strip_policy
+from mace_lpcalc.policies import apply_policy, copy_without_policy
 from mace_lpcalc.systems import water_box
 
 ELEMENTS = (1, 8)
@@ -134,7 +133,7 @@ def _mixed_compile(monkeypatch, eager_weight):
 
 def _engines_16bit():
     model = _model("fp32-linear-bf16")
-    reference = strip_policy(copy.deepcopy(model))
+    reference = copy_without_policy(model)
     return MACEEngine(model, z_table_atomic_numbers=ELEMENTS, r_max=R_MAX, compile_model=True,
                       reference_model=reference)
 
