@@ -105,15 +105,19 @@ class LowPrecisionMACECalculator(MACECalculator):
             list is rebuilt.
         use_cuda_graph: ``"auto"`` (on CUDA), True or False; fast path only.
         compile_model: fuse each energy+forces(+stress) call with TorchInductor (fast path
-            only; see :mod:`mace_lpcalc.compiled`). The first call at a new system size
-            compiles (about a minute on a cold cache); results are checked against the
+            only; see :mod:`mace_lpcalc.compiled`). Each new system size compiles (tens of
+            seconds on a cold cache, a few on a warm one); results are checked against the
             eager model, which takes over with a warning if compilation or the check fails.
+        compile_in_background: compile while MD runs on the uncompiled fast path, and
+            switch when ready (``calc.engine.compiled.wait()`` waits for it); False makes
+            the first call at each size compile.
         **kwargs: passed to mace's ``MACECalculator`` (``head``, ``energy_units_to_eV``, ...).
     """
 
     def __init__(self, model_paths=None, models=None, device: str = "cpu",
                  policy="fp32", backend: str = "auto", fast_path="auto", skin_A: float = DEFAULT_SKIN_A,
-                 use_cuda_graph="auto", compile_model: bool = False, **kwargs):
+                 use_cuda_graph="auto", compile_model: bool = False,
+                 compile_in_background: bool = True, **kwargs):
         try:
             self.policy = get_policy(policy)
         except ValueError as err:
@@ -170,6 +174,7 @@ class LowPrecisionMACECalculator(MACECalculator):
             self.models[0], z_table_atomic_numbers=self.z_table.zs, r_max=self.r_max,
             device=torch_device, skin_A=skin_A, use_cuda_graph=use_cuda_graph,
             head=self.head, compile_model=compile_model,
+            compile_in_background=compile_in_background,
             reference_model=reference_model) if fast_path else None
         if compile_model and self.engine is None:
             raise CalculatorSetupError("compile_model=True needs the fast path "
@@ -183,6 +188,7 @@ class LowPrecisionMACECalculator(MACECalculator):
             fast_path=self.engine is not None,
             skin_A=skin_A if self.engine is not None else None,
             compile_model=bool(compile_model),
+            compile_in_background=bool(compile_model and compile_in_background),
             versions=package_versions(),
         )
 

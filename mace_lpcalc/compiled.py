@@ -8,9 +8,21 @@ ATen operators for the current node and edge counts; TorchInductor then fuses th
 element-wise chains into a few generated kernels and treats the model's weights as
 constants. cuEquivariance's kernels and the matmuls stay library calls.
 
-The graph is specialised to its counts (symbolic counts do not survive e3nn's and
-cuEquivariance's shape arithmetic), so a new system size or edge capacity compiles
-again; inductor's on-disk cache serves counts seen before, also in later processes.
+The graph goes straight to inductor (``torch._inductor.compile``), not through
+TorchDynamo, which would only re-trace an already flat graph. It is specialised to its
+counts (symbolic counts do not survive e3nn's and cuEquivariance's shape arithmetic), so
+a new system size or edge capacity compiles again; inductor's and AOTAutograd's on-disk
+caches serve counts seen before, also in later processes (a warm start skips code
+generation). The weights are inputs of the generated code, not part of it, so a model of
+the same architecture is served too.
+
+Compiling takes tens of seconds on a cold cache. In the background (the engine's default), the
+calls meanwhile run the eager model, which on CUDA means the engine's CUDA graph of the
+eager call, so MD does not wait; once the compiled function has passed its check it
+takes over, and ``version`` tells the engine to capture it. While a compilation runs,
+Python's thread switch interval is shortened so the MD loop's thread gets the
+interpreter back promptly from the compiling one.
+
 Each compiled function is checked once against the eager model; a failed compilation
 or check logs a warning and the calls fall back to the eager model, so compiling never
 changes results beyond rounding.
@@ -29,10 +41,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import threading
 import time
 
 import torch
+from torch._guards import TracingContext, tracing
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +66,16 @@ CHECK_ROUNDING_MARGIN = 1.25
 #: Random displacement (Å, per coordinate) of the positions the check evaluates: far
 #: enough from the traced ones that a frozen operator shows above 16-bit rounding.
 CHECK_DISPLACEMENT_A = 0.1
-#: ``torch.compile`` backend for the traced graph ("aot_eager" skips code generation).
-COMPILER_BACKEND = "inductor"
+#: Python's thread switch interval (s) while a background compilation runs (default
+#: 5 ms): the MD loop's thread waits up to this long for the interpreter each time it
+#: hands it over (around every torch call, for instance), ~100 times per step.
+BACKGROUND_SWITCH_INTERVAL_S = 5e-5
+#: Held by every eager model call, by CUDA graph captures, and by a background
+#: compilation while it runs kernels. Eager calls switch process-wide state (the gather
+#: function, the skip connections' element set) for their duration; and a compiled
+#: function's first run synchronises the whole device (inductor benchmarks its kernel
+#: configurations), which would break a capture running meanwhile.
+DEVICE_WORK_LOCK = threading.RLock()
 
 
 class CompiledModelCall:
@@ -61,21 +85,40 @@ class CompiledModelCall:
         eager_call: ``eager_call(batch, compute_stress) -> dict``, the model call run
             eagerly (what is traced, the reference of the check and the fallback). The
             model's weights are baked into the compiled functions, so they must not change
-            afterwards.
+            afterwards. With ``background``, it is also called from the compiling thread,
+            so it must be safe to call from two threads.
         reference_call: for a model with 16-bit operands, the same call on the model
             without them (its fp32 or fp64 master weights); the check then compares
             accuracies against it (see the module docstring). None: compare with eager.
+        background: compile in a worker thread while calls run eagerly (see the module
+            docstring); False compiles within the call that needs it.
     """
 
-    def __init__(self, eager_call, reference_call=None):
+    def __init__(self, eager_call, reference_call=None, background: bool = False):
         self._eager_call = eager_call
         self._reference_call = reference_call
+        self._background = background
+        #: The background compilation's thread. Not a daemon: a daemon thread still in
+        #: torch's code when the interpreter exits aborts the process, so a script ending
+        #: while a compilation runs waits for it instead.
+        self._job: threading.Thread | None = None
+        #: Held while installing or forgetting compiled functions (two threads do so).
+        self._install_lock = threading.Lock()
         #: Per stress flag: the (nodes, edges) compiled for and the compiled function.
         self._functions: dict[bool, tuple[tuple[int, int], object]] = {}
+        #: Bumped by invalidate(): a compilation started before it is discarded.
+        self._generation = 0
+        #: Bumped whenever a checked compiled function is installed.
+        self.version = 0
+        #: Whether the last call ran a compiled function (under a CUDA graph: whether the
+        #: graph holds one, as graphs call only while being captured).
+        self.last_call_compiled = False
         #: Why the compiled path was abandoned, or None while it is in use.
         self.failure: str | None = None
         #: Wall seconds spent tracing, compiling and checking so far.
         self.setup_seconds = 0.0
+        #: Compilations started so far (one per stress flag and size, plus stale ones).
+        self.n_compilations = 0
         #: Relative L2 difference from the eager model per output, at the last check.
         self.check_deviation: dict[str, float] = {}
         #: With a reference call: per output, the (compiled, eager) relative L2 errors
@@ -84,41 +127,104 @@ class CompiledModelCall:
 
     def invalidate(self) -> None:
         """Forget the compiled functions (the model's evaluation changed); compile anew."""
-        self._functions.clear()
+        with self._install_lock:
+            self._generation += 1
+            self._functions.clear()
 
     @property
     def active(self) -> bool:
         """Whether calls run the compiled functions (no failure so far)."""
         return self.failure is None
 
+    @property
+    def pending(self) -> bool:
+        """Whether a background compilation is running."""
+        return self._job is not None and self._job.is_alive()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Wait for a background compilation; True when none is running any more."""
+        if self._job is not None:
+            self._job.join(timeout_s)
+        return not self.pending
+
     def __call__(self, batch: dict, compute_stress: bool) -> dict:
         counts = (batch["node_attrs"].shape[0], batch["edge_index"].shape[1])
-        compiled_for = self._functions.get(compute_stress, (None, None))[0]
-        if self.failure is None and counts != compiled_for:
-            started = time.perf_counter()
-            try:
-                self._compile_and_check(batch, compute_stress, counts)
-            except Exception as err:  # noqa: BLE001 -- any tracing/compiler error means: run eagerly
-                self.failure = f"{type(err).__name__}: {err}"
-                logger.warning("compiled MACE call abandoned, running eagerly instead: %s",
-                               self.failure)
-            elapsed = time.perf_counter() - started
-            self.setup_seconds += elapsed
-            if self.failure is None:
-                logger.info("compiled and checked the MACE call for %d nodes, %d edges "
-                            "(stress: %s) in %.1f s", *counts, compute_stress, elapsed)
-        if self.failure is not None:
+        function = self._function_for(compute_stress, counts)
+        if function is None and self.failure is None and not _capturing(batch["positions"]):
+            with self._install_lock:  # a stale size's function frees its memory
+                self._functions.pop(compute_stress, None)
+            if self._background:
+                self._start_job(batch, compute_stress, counts)
+            else:
+                self._compile_and_install(batch, compute_stress, counts, self._generation)
+                function = self._function_for(compute_stress, counts)
+        self.last_call_compiled = function is not None
+        if function is None:
             return self._eager_call(batch, compute_stress)
-        return self._run(batch, compute_stress)
+        return self._run(function, batch, compute_stress)
 
-    def _run(self, batch: dict, compute_stress: bool) -> dict:
+    def _function_for(self, compute_stress: bool, counts):
+        if self.failure is not None:
+            return None
+        compiled_for, function = self._functions.get(compute_stress, (None, None))
+        return function if compiled_for == counts else None
+
+    def _start_job(self, batch: dict, compute_stress: bool, counts) -> None:
+        if self.pending:  # one at a time; the next call after it starts the next one
+            return
+        # The caller's buffers change at every step: the job gets its own copy, ready on
+        # the job's stream before the job reads it.
         with torch.no_grad():
-            values = self._functions[compute_stress][1](*(batch[key] for key in BATCH_KEYS))
+            snapshot = {key: value.clone() for key, value in batch.items()}
+        copied = None
+        if snapshot["positions"].is_cuda:
+            copied = torch.cuda.Event()
+            copied.record()
+        self._job = threading.Thread(
+            target=self._background_job, name="mace-lpcalc-compile",
+            args=(snapshot, compute_stress, counts, self._generation, copied))
+        self._job.start()
+
+    def _background_job(self, batch, compute_stress, counts, generation, copied) -> None:
+        stream = None
+        if copied is not None:
+            stream = torch.cuda.Stream(batch["positions"].device)
+            stream.wait_event(copied)
+        with _short_switch_interval(), torch.cuda.stream(stream):  # None: no stream
+            self._compile_and_install(batch, compute_stress, counts, generation)
+            if stream is not None:
+                stream.synchronize()  # everything the check launched has finished
+
+    def _compile_and_install(self, batch, compute_stress, counts, generation) -> None:
+        started = time.perf_counter()
+        self.n_compilations += 1
+        try:
+            function = self._compile(batch, compute_stress)
+            with DEVICE_WORK_LOCK:
+                self._check(function, batch, compute_stress)
+        except Exception as err:  # noqa: BLE001 -- any tracing/compiler error means: run eagerly
+            if generation != self._generation:
+                return  # checked against an evaluation that changed meanwhile: no verdict
+            self.failure = f"{type(err).__name__}: {err}"
+            logger.warning("compiled MACE call abandoned, running eagerly instead: %s",
+                           self.failure)
+            return
+        finally:
+            self.setup_seconds += time.perf_counter() - started
+        with self._install_lock:
+            if generation != self._generation:
+                return  # the evaluation changed while compiling (another element set, say)
+            self._functions[compute_stress] = counts, function
+            self.version += 1
+        logger.info("compiled and checked the MACE call for %d nodes, %d edges (stress: %s) "
+                    "in %.1f s", *counts, compute_stress, time.perf_counter() - started)
+
+    def _run(self, function, batch: dict, compute_stress: bool) -> dict:
+        with torch.no_grad():
+            values = function(*(batch[key] for key in BATCH_KEYS))
         return dict(zip(_output_names(compute_stress), values))
 
-    def _compile_and_check(self, batch: dict, compute_stress: bool, counts) -> None:
-        self._functions.pop(compute_stress, None)  # a stale size's function frees its memory
-        self._functions[compute_stress] = counts, self._compile(batch, compute_stress)
+    def _check(self, function, batch: dict, compute_stress: bool) -> None:
         # Checked away from the traced positions: an operator the trace missed would be
         # a constant of the graph and still match at the traced inputs.
         positions = batch["positions"]
@@ -126,7 +232,7 @@ class CompiledModelCall:
         displaced = dict(batch, positions=positions + CHECK_DISPLACEMENT_A * torch.randn(
             positions.shape, generator=generator, dtype=positions.dtype,
             device=positions.device))
-        compiled = self._run(displaced, compute_stress)
+        compiled = self._run(function, displaced, compute_stress)
         eager = _detached(self._eager_call(displaced, compute_stress))
         self.check_deviation = {name: _relative_l2(value, eager[name])
                                 for name, value in compiled.items()}
@@ -157,10 +263,25 @@ class CompiledModelCall:
             outputs = self._eager_call(dict(zip(BATCH_KEYS, values)), compute_stress)
             return tuple(outputs[name] for name in names)
 
+        inputs = [batch[key] for key in BATCH_KEYS]
         # Traced on the real inputs: the model's weights become constants of the graph.
         with _script_functions_as_python():
-            graph = make_fx(energy_forces)(*(batch[key] for key in BATCH_KEYS))
-        return torch.compile(graph, backend=COMPILER_BACKEND, dynamic=False, fullgraph=True)
+            graph = make_fx(energy_forces)(*inputs)
+        return compile_graph(graph, inputs)
+
+
+def compile_graph(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]):
+    """TorchInductor code for a flat ATen graph, specialised to the inputs' shapes.
+
+    The inputs are handed over as static-shaped fake tensors of a mode with a shape
+    environment: without one, inductor bypasses its on-disk caches; with real tensors,
+    it would make their sizes symbolic.
+    """
+    fake_mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    # Without gradients, as it runs: else AOTAutograd would differentiate the backward.
+    with tracing(TracingContext(fake_mode)), torch.no_grad():
+        fakes = [fake_mode.from_tensor(value, static_shapes=True) for value in inputs]
+        return torch._inductor.compile(graph, fakes)
 
 
 def _detached(outputs: dict) -> dict:
@@ -176,6 +297,34 @@ def _relative_l2(value: torch.Tensor, reference: torch.Tensor) -> float:
 def _output_names(compute_stress: bool) -> tuple[str, ...]:
     """The model outputs a compiled function returns, in order."""
     return ("energy", "forces", "node_energy") + (("stress",) if compute_stress else ())
+
+
+def _capturing(tensor: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured (then nothing may be copied or compiled)."""
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+_switch_interval_lock = threading.Lock()
+_background_jobs = 0
+_saved_switch_interval = None
+
+
+@contextlib.contextmanager
+def _short_switch_interval():
+    """BACKGROUND_SWITCH_INTERVAL_S while any background compilation runs."""
+    global _background_jobs, _saved_switch_interval
+    with _switch_interval_lock:
+        if _background_jobs == 0:
+            _saved_switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(BACKGROUND_SWITCH_INTERVAL_S)
+        _background_jobs += 1
+    try:
+        yield
+    finally:
+        with _switch_interval_lock:
+            _background_jobs -= 1
+            if _background_jobs == 0:
+                sys.setswitchinterval(_saved_switch_interval)
 
 
 @contextlib.contextmanager

@@ -22,7 +22,9 @@ The model's element-dependent skip connections are evaluated for the elements pr
 only (:mod:`mace_lpcalc.element_skip`), which MACEEngine converts them to in place.
 
 With ``compile_model`` the model call is traced, backward pass included, and fused by
-TorchInductor (:mod:`mace_lpcalc.compiled`); the CUDA graph then replays that.
+TorchInductor (:mod:`mace_lpcalc.compiled`), by default in a background thread while
+the CUDA graph of the eager call keeps MD going; once the compiled call is ready and
+checked, the graph is captured again around it.
 
 The model is called exactly as mace's calculator calls it,
 ``model(batch, compute_stress=..., training=False)``, on a batch dictionary built from
@@ -51,7 +53,7 @@ import numpy as np
 import torch
 from mace.modules import utils as mace_utils
 
-from mace_lpcalc.compiled import CompiledModelCall
+from mace_lpcalc.compiled import DEVICE_WORK_LOCK, CompiledModelCall
 from mace_lpcalc.element_skip import convert_element_skips
 from mace_lpcalc.neighbors import VerletNeighborList, _check_pbc
 
@@ -96,9 +98,12 @@ class MACEEngine:
             capacity costs one re-capture.
         head: the model head to evaluate; default as mace's calculator chooses.
         compile_model: evaluate through :class:`mace_lpcalc.compiled.CompiledModelCall`
-            (forward and backward fused by TorchInductor; the first use of a model compiles
-            for about a minute, later processes load inductor's cache). Falls back to the
-            eager model, with a warning, where compilation or its check fails.
+            (forward and backward fused by TorchInductor; the first use of a model at a
+            size compiles for tens of seconds, later processes load inductor's cache).
+            Falls back to the eager model, with a warning, where compilation or its check
+            fails.
+        compile_in_background: compile in a worker thread while calls run the eager
+            model (see :mod:`mace_lpcalc.compiled`); False compiles within the first call.
         reference_model: with ``compile_model`` and a model with 16-bit operands: the same
             model without them, against which the compiled call's accuracy is checked (it
             must be about as accurate as the eager call; see :mod:`mace_lpcalc.compiled`).
@@ -107,7 +112,8 @@ class MACEEngine:
     def __init__(self, model: torch.nn.Module, *, z_table_atomic_numbers, r_max: float,
                  device="cpu", skin_A: float = DEFAULT_SKIN_A, use_cuda_graph="auto",
                  edge_headroom: float = 1.05, head: str | None = None,
-                 compile_model: bool = False, reference_model: torch.nn.Module | None = None):
+                 compile_model: bool = False, compile_in_background: bool = True,
+                 reference_model: torch.nn.Module | None = None):
         self.device = torch.device(device)
         if use_cuda_graph not in ("auto", True, False):
             raise ValueError(
@@ -146,11 +152,15 @@ class MACEEngine:
                 reference_call = lambda batch, compute_stress: _eager_model_call(  # noqa: E731
                     reference_model, _cast_floats(batch, _float_dtype(reference_model)),
                     compute_stress)
-            self.compiled = CompiledModelCall(self._eager_model_call, reference_call)
+            self.compiled = CompiledModelCall(self._eager_model_call, reference_call,
+                                              background=compile_in_background)
         #: Number of CUDA graphs captured so far (each capture costs a few model calls).
         self.n_graph_captures = 0
         self._capture_failed: set[bool] = set()
         self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        #: The compiled call's version when the graphs were captured (a newer one replaces
+        #: them).
+        self._graphs_compiled_version = None
         self._numbers: np.ndarray | None = None
         self._last_call_used_graph = False
         self.edge_capacity = 0
@@ -390,11 +400,10 @@ class MACEEngine:
             "ptr": self._ptr,
             "head": self._head,
         }
-        with _elements_in_use(self._element_skips, self._elements_in_use):
-            if self.compiled is not None:
-                output = self.compiled(batch, compute_stress)
-            else:
-                output = self._eager_model_call(batch, compute_stress)
+        if self.compiled is not None:
+            output = self.compiled(batch, compute_stress)
+        else:
+            output = self._eager_model_call(batch, compute_stress)
         with torch.no_grad():
             self._out[0] = output["energy"][0]
             self._out[1:1 + 3 * n_atoms] = output["forces"][:n_atoms].reshape(-1)
@@ -404,9 +413,12 @@ class MACEEngine:
             self._out[-1] = n_edges
 
     def _eager_model_call(self, batch: dict, compute_stress: bool) -> dict:
-        return _eager_model_call(self.model, batch, compute_stress)
+        with DEVICE_WORK_LOCK, _elements_in_use(self._element_skips, self._elements_in_use):
+            return _eager_model_call(self.model, batch, compute_stress)
 
     def _run(self, compute_stress: bool) -> None:
+        if self.compiled is not None and self.compiled.version != self._graphs_compiled_version:
+            self._drop_graphs()  # captured before the compiled call was ready
         graph = None
         if self.use_cuda_graph and compute_stress not in self._capture_failed:
             graph = self._graphs.get(compute_stress)
@@ -422,20 +434,24 @@ class MACEEngine:
         """Capture ``_evaluate`` as a CUDA graph; on failure log once and return None."""
         current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
+        # Read first: a compiled call installed during the capture must trigger another.
+        compiled_version = self.compiled.version if self.compiled is not None else None
         try:
-            side.wait_stream(current)
-            with torch.cuda.stream(side):
-                for _ in range(_WARMUP_CALLS):
+            with DEVICE_WORK_LOCK:
+                side.wait_stream(current)
+                with torch.cuda.stream(side):
+                    for _ in range(_WARMUP_CALLS):
+                        self._evaluate(compute_stress)
+                current.wait_stream(side)
+                # The warm-up's cached blocks cannot serve the graph's private pool; handing
+                # them back first keeps the peak near one evaluation's memory, not two.
+                torch.cuda.empty_cache()
+                # Each graph gets its own memory pool: with and without stress they may be
+                # replayed in any order, which pool sharing does not allow in general.
+                graph = torch.cuda.CUDAGraph()
+                # "thread_local": a background compilation may still allocate memory.
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     self._evaluate(compute_stress)
-            current.wait_stream(side)
-            # The warm-up's cached blocks cannot serve the graph's private pool; handing
-            # them back first keeps the peak near one evaluation's memory, not two.
-            torch.cuda.empty_cache()
-            # Each graph gets its own memory pool: with and without stress they may be
-            # replayed in any order, which pool sharing does not allow in general.
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._evaluate(compute_stress)
         except RuntimeError as err:
             # A failed capture_end skips restoring the stream torch.cuda.graph switched to;
             # everything after (vesin included) must run on the caller's stream again.
@@ -446,6 +462,7 @@ class MACEEngine:
                            "instead: %s", compute_stress, err)
             return None
         self._graphs[compute_stress] = graph
+        self._graphs_compiled_version = compiled_version
         self.n_graph_captures += 1
         return graph
 
@@ -456,7 +473,7 @@ class MACEEngine:
 def _eager_model_call(model: torch.nn.Module, batch: dict, compute_stress: bool) -> dict:
     # A fresh leaf sharing the buffer's memory: the model sets requires_grad on it.
     batch = dict(batch, positions=batch["positions"].detach())
-    with torch.enable_grad(), _gather_by_index_select():
+    with DEVICE_WORK_LOCK, torch.enable_grad(), _gather_by_index_select():
         return model(batch, compute_stress=compute_stress, training=False)
 
 

@@ -485,7 +485,7 @@ def run_profile(*, model_spec: str, policy: str, backend: str, device: str, n_mo
         return LowPrecisionMACECalculator(models=make_model(model_spec), device=device,
                                           policy=policy, backend=backend, fast_path=fast_path,
                                           use_cuda_graph=use_cuda_graph,
-                                          compile_model=compiled)
+                                          compile_model=compiled, compile_in_background=False)
 
     calc = build_calc(fast_path=False)  # mace's own per-call path: every block runs eagerly
     profiled = profile_blocks(calc, atoms, warmup=warmup, steps=steps, trace=trace)

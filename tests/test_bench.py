@@ -1,10 +1,11 @@
 """The benchmark runs end to end on CPU and writes JSON whose numbers hang together."""
 
 import json
+import time
 
 import pytest
 
-from mace_lpcalc import bench
+from mace_lpcalc import bench, compiled, setup_time
 
 
 def test_benchmark_json(tmp_path):
@@ -28,6 +29,24 @@ def test_benchmark_json(tmp_path):
     assert "model_only_ms" in rows["mace-e3nn-fp64"]
 
 
+def test_compiled_rows_record_the_md_steps_run_while_compiling(monkeypatch, tmp_path):
+    """Background compilation (trace only here, held up by 1 s): the benchmark keeps
+    stepping until the compiled call is ready and records when that was."""
+    def slow_compile(graph, inputs):
+        time.sleep(1.0)
+        return graph
+    monkeypatch.setattr(compiled, "compile_graph", slow_compile)
+    result = bench.run_benchmark(model_spec="tiny", device="cpu", sizes=[4], policies=["fp32"],
+                                 backends=["e3nn"], warmup=0, repeats=2, langevin=True,
+                                 baselines=False, compile_modes=(True,))
+    (row,) = result["rows"]
+    assert row["name"] == "ours-e3nn-fp32-compiled" and row["compiled"] is True
+    assert row["steps_while_compiling"] >= 1 and row["langevin_step_ms_while_compiling"] > 0
+    assert row["compilations"] == 1
+    assert row["time_to_compiled_s"] > row["setup_s"] and row["compile_and_check_s"] >= 1.0
+    assert row["compiled_vs_eager_relative_L2"]["forces"] < 1e-5
+
+
 def test_a_failing_configuration_is_recorded_not_fatal(monkeypatch, tmp_path):
     def broken(**kwargs):
         raise RuntimeError("kernel missing")
@@ -47,3 +66,19 @@ def test_largest_box_json(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [row["n_atoms"] for row in rows] == [6, 12]
     assert all(row["fits"] and row["energy_forces_ms"] > 0 for row in rows)
+
+
+def test_setup_time_splits_the_first_step_of_a_first_and_a_second_calculator(
+        monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(compiled, "compile_graph", lambda graph, inputs: graph)
+    setup_time.main(["--device", "cpu", "--model", "tiny", "--molecules", "4", "--policy",
+                     "fp32", "--compile", "--profile", str(tmp_path / "profile.txt")])
+    profile = (tmp_path / "profile.txt").read_text()
+    assert "Ordered by: cumulative time" in profile and "calculator.py" in profile
+    result = json.loads(capsys.readouterr().out)
+    assert result["n_atoms"] == 12 and result["compile_model"] is True
+    for attempt in ("first", "second"):
+        times = result[attempt]
+        assert times["construction_to_first_step_s"] == pytest.approx(
+            times["calculator_init_s"] + times["first_call_s"])
+        assert times["second_call_ms"] > 0 and times["compile_and_check_s"] > 0

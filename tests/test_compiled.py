@@ -1,12 +1,17 @@
 """The compiled energy+forces(+stress) call against the eager model, and its safety net."""
 
 import logging
+import subprocess
+import sys
+import threading
 
 import mace  # noqa: F401  -- before e3nn
 import numpy as np
 import pytest
 import torch
 from ase.calculators.calculator import CalculatorSetupError
+
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from mace_lpcalc import compiled
 from mace_lpcalc.calculator import LowPrecisionMACECalculator
@@ -25,9 +30,10 @@ def _model(policy="fp32"):
     return apply_policy(build_tiny_model(ELEMENTS, r_max=R_MAX), policy)
 
 
-def _engines(model):
+def _engines(model, **options):
+    """An eager engine and one compiling within its first call (or as ``options`` say)."""
     make = lambda **kw: MACEEngine(model, z_table_atomic_numbers=ELEMENTS, r_max=R_MAX, **kw)
-    return make(), make(compile_model=True)
+    return make(), make(**({"compile_model": True, "compile_in_background": False} | options))
 
 
 def _compute(engine, atoms, stress=True):
@@ -61,10 +67,155 @@ def test_inductor_compiled_call_matches_the_eager_model(water):
     assert _relative(got["forces"], expected["forces"]) < 1e-5
 
 
+def test_a_second_compilation_of_the_same_call_is_served_by_inductors_cache(water):
+    """What a later process pays: the graph is traced again, but inductor's code comes
+    from its on-disk cache (it bypasses the cache without a shape environment)."""
+    def cache_hits():  # torch replaces its counters now and then: look them up each time
+        return torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"]
+    for attempt in ("cold or warm", "warm"):
+        hits = cache_hits()
+        eager, fast = _engines(_model("fp32"))
+        got = _compute(fast, water)
+        assert fast.compiled.active, fast.compiled.failure
+    assert cache_hits() == hits + 1
+    assert _relative(got["forces"], _compute(eager, water)["forces"]) < 1e-5
+
+
+def test_cached_code_reads_the_weights_of_the_graph_it_serves(monkeypatch, tmp_path):
+    """Inductor's cache key leaves out the values of a graph's constants: the code it
+    serves must take them from the graph at hand, not from the one it was compiled for."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    inputs = torch.randn(7, dtype=torch.float64)
+
+    def hits():
+        return torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"]
+    for seed in (0, 1):
+        weights = torch.randn(7, dtype=torch.float64,
+                              generator=torch.Generator().manual_seed(seed))
+        graph = make_fx(lambda x: ((x * weights).sin(),))(inputs)
+        before = hits()
+        (value,) = compiled.compile_graph(graph, [inputs])(inputs)
+        torch.testing.assert_close(value, (inputs * weights).sin(), rtol=0, atol=1e-15)
+    assert hits() == before + 1  # the second graph was served from the first one's code
+
+
 @pytest.fixture
 def trace_only(monkeypatch):
     """Trace with make_fx as usual but skip inductor's code generation (seconds, not a minute)."""
-    monkeypatch.setattr(compiled, "COMPILER_BACKEND", "aot_eager")
+    monkeypatch.setattr(compiled, "compile_graph", lambda graph, inputs: graph)
+
+
+@pytest.fixture
+def gated_compile(monkeypatch):
+    """Trace-only compilation that waits until the test opens the gate, recording the
+    thread switch interval meanwhile; the compiled functions count their calls."""
+    gate, seen = threading.Event(), {"calls": 0}
+
+    def compile_when_allowed(graph, inputs):
+        seen["switch_interval_s"] = sys.getswitchinterval()
+        assert gate.wait(timeout=60)
+
+        def function(*values):
+            seen["calls"] += 1
+            return graph(*values)
+        return function
+    monkeypatch.setattr(compiled, "compile_graph", compile_when_allowed)
+    return gate, seen
+
+
+def test_background_compilation_runs_the_eager_model_until_the_compiled_call_is_ready(
+        gated_compile, water):
+    gate, seen = gated_compile
+    eager, fast = _engines(_model("fp32"), compile_in_background=True)
+    expected = _compute(eager, water)
+    got = _compute(fast, water)
+    assert fast.compiled.pending and fast.compiled.version == 0
+    np.testing.assert_array_equal(got["forces"], expected["forces"])  # the eager model
+    assert seen["calls"] == 0 and not fast.compiled.last_call_compiled
+    gate.set()
+    assert fast.compiled.wait(timeout_s=60) and not fast.compiled.pending
+    assert fast.compiled.active, fast.compiled.failure
+    assert fast.compiled.version == 1 and seen["calls"] == 1  # the check's call
+    assert seen["switch_interval_s"] == pytest.approx(compiled.BACKGROUND_SWITCH_INTERVAL_S)
+    assert sys.getswitchinterval() == pytest.approx(0.005)  # restored (Python default)
+    water.positions += 0.02
+    got = _compute(fast, water)
+    assert seen["calls"] == 2 and fast.compiled.last_call_compiled
+    assert _relative(got["forces"], _compute(eager, water)["forces"]) < 1e-5
+
+
+def test_a_background_compilation_overtaken_by_a_new_element_set_is_discarded(
+        gated_compile, water):
+    """The compiled call evaluates the skip connections for the elements present when it
+    was traced; if they change meanwhile, its result must not be installed."""
+    gate, seen = gated_compile
+    _, fast = _engines(_model("fp32"), compile_in_background=True)
+    _compute(fast, water)
+    assert fast.compiled.pending
+    hydrogen_only = water.copy()
+    hydrogen_only.numbers[:] = 1
+    _compute(fast, hydrogen_only)  # another element set: the compilation is stale
+    gate.set()
+    assert fast.compiled.wait(timeout_s=60)
+    assert fast.compiled.version == 0 and not fast.compiled._functions
+    _compute(fast, hydrogen_only)  # compiles for the present elements now
+    assert fast.compiled.wait(timeout_s=60) and fast.compiled.version == 1
+    assert fast.compiled.active, fast.compiled.failure
+    calls = seen["calls"]
+    got = _compute(fast, hydrogen_only)
+    assert seen["calls"] == calls + 1
+    eager = MACEEngine(_model("fp32"), z_table_atomic_numbers=ELEMENTS, r_max=R_MAX)
+    expected = _compute(eager, hydrogen_only)
+    assert _relative(got["forces"], expected["forces"]) < 1e-5
+
+
+def test_a_script_ending_during_a_background_compilation_exits_cleanly():
+    """The interpreter waits for the compiling thread (a daemon thread still inside torch
+    at exit aborted the process: "terminate called without an active exception")."""
+    script = """
+import time
+import mace_lpcalc.compiled as compiled
+from mace_lpcalc.engine import MACEEngine
+from mace_lpcalc.models import build_tiny_model
+from mace_lpcalc.systems import water_box
+compiled.compile_graph = lambda graph, inputs: time.sleep(2) or graph
+engine = MACEEngine(build_tiny_model((1, 8), r_max=4.0), z_table_atomic_numbers=(1, 8),
+                    r_max=4.0, compile_model=True)
+atoms = water_box(8)
+engine.compute(atoms.positions, atoms.numbers, atoms.cell.array, atoms.pbc)
+assert engine.compiled.pending
+print("script done", flush=True)
+"""
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "script done" in finished.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+def test_cuda_graph_of_the_eager_call_is_replaced_once_the_compiled_call_is_ready(
+        gated_compile):
+    """MD replays a CUDA graph of the eager call while the compilation runs beside it
+    (its capture must tolerate the other thread), then a graph of the compiled call."""
+    gate, seen = gated_compile
+    atoms = water_box(27, seed=3)
+    eager, fast = (MACEEngine(_model("fp32"), z_table_atomic_numbers=ELEMENTS, r_max=R_MAX,
+                              device="cuda", compile_model=compile_model)
+                   for compile_model in (False, True))
+    expected = _compute(eager, atoms, stress=False)
+    got = _compute(fast, atoms, stress=False)
+    assert fast.last_call_replayed_graph and fast.n_graph_captures == 1
+    assert fast.compiled.pending and not fast.compiled.last_call_compiled
+    assert _relative(got["forces"], expected["forces"]) < 1e-6  # both eager (atomics differ)
+    gate.set()
+    assert fast.compiled.wait(timeout_s=120) and fast.compiled.active, fast.compiled.failure
+    atoms.positions += 0.02
+    calls = seen["calls"]
+    got = _compute(fast, atoms, stress=False)
+    assert fast.n_graph_captures == 2 and fast.last_call_replayed_graph
+    assert seen["calls"] > calls and fast.compiled.last_call_compiled  # captured around it
+    expected = _compute(eager, atoms, stress=False)
+    assert _relative(got["forces"], expected["forces"]) < 1e-5
 
 
 @pytest.mark.parametrize("policy", ["fp32", "fp32-linear-bf16"])
@@ -135,7 +286,7 @@ def _engines_16bit():
     model = _model("fp32-linear-bf16")
     reference = copy_without_policy(model)
     return MACEEngine(model, z_table_atomic_numbers=ELEMENTS, r_max=R_MAX, compile_model=True,
-                      reference_model=reference)
+                      compile_in_background=False, reference_model=reference)
 
 
 def test_a_16bit_call_rounding_differently_but_as_accurately_is_accepted(monkeypatch, water):
@@ -174,14 +325,16 @@ def test_a_compilation_error_falls_back_to_the_eager_model(monkeypatch, water):
 def test_calculator_records_compilation_and_refuses_it_without_the_fast_path(
         trace_only, water):
     calc = LowPrecisionMACECalculator(models=build_tiny_model(ELEMENTS, r_max=R_MAX),
-                                      policy="fp32", compile_model=True)
+                                      policy="fp32", compile_model=True,
+                                      compile_in_background=False)
     assert calc.engine is not None and calc.parameters["compile_model"] is True
     water.calc = calc
     assert np.isfinite(water.get_forces()).all() and calc.engine.compiled.active
     assert calc.engine.compiled._reference_call is None  # fp32: checked against eager
     bf16 = LowPrecisionMACECalculator(models=build_tiny_model(ELEMENTS, r_max=R_MAX),
                                       policy="fp32-linear-bf16", compile_model=True)
-    bf16.get_forces(water)
+    bf16.get_forces(water)  # compiles in the background, by default
+    assert bf16.engine.compiled.wait(timeout_s=120)
     compiled_error, eager_error = bf16.engine.compiled.check_errors["forces"]
     assert bf16.engine.compiled.active and compiled_error == pytest.approx(eager_error)
     assert eager_error > 1e-4  # the reference really is the model without bf16 operands
@@ -203,7 +356,7 @@ def test_cuda_trace_after_torchscript_fused_the_spherical_harmonics():
         _compute(eager, atoms, stress=False)
         atoms.positions += 0.01
     fast = MACEEngine(model, z_table_atomic_numbers=ELEMENTS, r_max=R_MAX, device="cuda",
-                      compile_model=True)
+                      compile_model=True, compile_in_background=False)
     got = _compute(fast, atoms, stress=False)
     assert fast.compiled.active, fast.compiled.failure
     assert fast.compiled.check_deviation["forces"] < 1e-5
@@ -217,7 +370,8 @@ def test_cuda_16bit_compiled_call_is_checked_against_a_working_fp32_copy(trace_o
     its first call, and every compiled 16-bit call fell back to eager)."""
     calc = LowPrecisionMACECalculator(models=build_tiny_model(ELEMENTS, r_max=R_MAX),
                                       device="cuda", policy="fp32-linear-bf16",
-                                      backend="cuequivariance", compile_model=True)
+                                      backend="cuequivariance", compile_model=True,
+                                      compile_in_background=False)
     atoms = water_box(27, seed=3)
     atoms.calc = calc
     atoms.get_forces()

@@ -19,6 +19,7 @@ from ase.calculators.calculator import (CalculationFailed, Calculator, Calculato
 from ase.calculators.emt import EMT
 from scipy import stats
 
+from mace_lpcalc import compiled
 from mace_lpcalc.models import build_tiny_model
 from mace_lpcalc.protocols.base import (Checkpoint, checkpoint_path, read_settings_file,
                                         settings_from_command_line)
@@ -237,6 +238,32 @@ def test_nve_energy_error_shrinks_as_timestep_squared(water_files, tmp_path):
         assert summary["fluctuation_ratio"] < 0.01
         assert np.isfinite(summary["energy_drift_stderr_meV_atom_ps"])
     assert deviations[0] / deviations[1] == pytest.approx(4.0, rel=0.1)
+
+
+def test_a_run_that_switches_to_the_compiled_model_midway_follows_the_uncompiled_run(
+        water_files, tmp_path, monkeypatch):
+    """compile_model: MD starts on the uncompiled model while the call compiles in the
+    background (trace only here, held up for 0.5 s), then continues on the compiled one."""
+    calls = []
+
+    def slow_compile(graph, inputs):
+        time.sleep(0.5)
+        return lambda *values: calls.append(1) or graph(*values)
+    monkeypatch.setattr(compiled, "compile_graph", slow_compile)
+    structure, model = water_files
+    frames = {}
+    for compile_model in (False, True):
+        settings = NVESettings(structure=str(structure), model=str(model), policy="fp32",
+                               steps=100, log_every=5, compile_model=compile_model,
+                               out=str(tmp_path / f"nve_compiled_{compile_model}.h5"))
+        NVE(settings).run()
+        frames[compile_model] = read_trajectory(settings.out)
+    assert len(calls) > 10  # the check, then MD steps on the compiled call
+    assert frames[True].attrs["settings"]["compile_model"] is True
+    np.testing.assert_allclose(frames[True]["coordinates"], frames[False]["coordinates"],
+                               rtol=0, atol=1e-5)  # nm: fp32 rounding, grown by chaos
+    np.testing.assert_allclose(frames[True]["total_energy"], frames[False]["total_energy"],
+                               rtol=0, atol=1e-5)
 
 
 def _copper(tmp_path, lattice_A, name):

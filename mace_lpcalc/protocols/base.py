@@ -71,6 +71,9 @@ class MDSettings:
     policy: str = setting("fp32", "precision policy", choices=tuple(POLICIES))
     backend: str = setting("auto", "MACE backend", choices=BACKENDS)
     device: str = setting("cpu", "torch device, e.g. cpu or cuda")
+    compile_model: bool = setting(False, "fuse the model call with TorchInductor, compiled "
+                                         "in the background while MD runs uncompiled; "
+                                         "checked against the uncompiled model")
     steps: int = setting(1000, "total number of MD steps")
     timestep_fs: float = setting(1.0, "time step (fs)", flags=("--dt",))
     temperature_K: float = setting(300.0, "target temperature; also sets the Maxwell-"
@@ -88,8 +91,8 @@ class MDSettings:
 
     #: Settings that may change when a run is resumed; every other one must match.
     RESUMABLE_CHANGES: ClassVar[frozenset] = frozenset(
-        {"structure", "model", "device", "steps", "checkpoint_every", "out", "overwrite",
-         "resume"})
+        {"structure", "model", "device", "compile_model", "steps", "checkpoint_every", "out",
+         "overwrite", "resume"})
 
     def __post_init__(self):
         positive = {"timestep_fs": self.timestep_fs, "log_every": self.log_every,
@@ -136,7 +139,7 @@ def read_structure(path) -> Atoms:
 def build_calculator(settings: MDSettings) -> LowPrecisionMACECalculator:
     """The MACE calculator a run uses; prints which model it loaded."""
     common = {"device": settings.device, "policy": settings.policy,
-              "backend": settings.backend}
+              "backend": settings.backend, "compile_model": settings.compile_model}
     model_path = settings.model or default_model_path()
     if model_path is not None:
         print(f"model: {model_path}", file=sys.stderr)
