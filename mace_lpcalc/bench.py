@@ -207,14 +207,14 @@ def _measure(name, kind, build, atoms, device, warmup, repeats, langevin_steps, 
         row["cuda_graph_replayed"] = bool(engine.last_call_replayed_graph)
         row["graph_captures"] = engine.n_graph_captures
         row["neighbor_list_builds"] = engine.neighbors.n_builds
-        if engine.compiled is not None:
-            row["compiled"] = engine.compiled.active
-            row["compile_and_check_s"] = engine.compiled.setup_seconds
-            row["compile_failure"] = engine.compiled.failure
-            row["compiled_vs_eager_relative_L2"] = engine.compiled.check_deviation
-            if engine.compiled.check_errors:
-                row["compiled_and_eager_error_vs_model_without_16bit"] = {
-                    name: list(errors) for name, errors in engine.compiled.check_errors.items()}
+    if compiled is not None:
+        row["compiled"] = compiled.active
+        row["compile_and_check_s"] = compiled.setup_seconds
+        row["compile_failure"] = compiled.failure
+        row["compiled_vs_eager_relative_L2"] = compiled.check_deviation
+        if compiled.check_errors:
+            row["compiled_and_eager_error_vs_model_without_16bit"] = {
+                name: list(errors) for name, errors in compiled.check_errors.items()}
     print(_format_row(row), flush=True)
     return row
 

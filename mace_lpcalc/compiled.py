@@ -4,9 +4,9 @@ A MACE call is a forward pass and an autograd backward pass (forces are minus th
 gradient of the energy), each a few hundred ATen operators, most of them small
 element-wise ones: e3nn's normalisation constants, activations, gradient sums, copies.
 Here ``make_fx`` records the whole call, the backward included, as one flat graph of
-ATen operators for the current node and edge counts; TorchInductor then fuses the
-element-wise chains into a few generated kernels and treats the model's weights as
-constants. cuEquivariance's kernels and the matmuls stay library calls.
+ATen operators for the current node and edge counts, with the model's weights as the
+graph's constants; TorchInductor then fuses the element-wise chains into a few generated
+kernels. cuEquivariance's kernels and the matmuls stay library calls.
 
 The graph goes straight to inductor (``torch._inductor.compile``), not through
 TorchDynamo, which would only re-trace an already flat graph. It is specialised to its
@@ -16,9 +16,9 @@ caches serve counts seen before, also in later processes (a warm start skips cod
 generation). The weights are inputs of the generated code, not part of it, so a model of
 the same architecture is served too.
 
-Compiling takes tens of seconds on a cold cache. In the background (the engine's default), the
-calls meanwhile run the eager model, which on CUDA means the engine's CUDA graph of the
-eager call, so MD does not wait; once the compiled function has passed its check it
+Compiling takes tens of seconds on a cold cache. In the background (the engine's
+default), the calls meanwhile run the eager model, which on CUDA means the engine's CUDA
+graph of the eager call, so MD does not wait; once the compiled function has passed its check it
 takes over, and ``version`` tells the engine to capture it. While a compilation runs,
 Python's thread switch interval is shortened so the MD loop's thread gets the
 interpreter back promptly from the compiling one.
@@ -71,8 +71,9 @@ CHECK_DISPLACEMENT_A = 0.1
 #: hands it over (around every torch call, for instance), ~100 times per step.
 BACKGROUND_SWITCH_INTERVAL_S = 5e-5
 #: Held by every eager model call, by CUDA graph captures, and by a background
-#: compilation while it runs kernels. Eager calls switch process-wide state (the gather
-#: function, the skip connections' element set) for their duration; and a compiled
+#: compilation while it traces and runs kernels. Eager calls and traces switch
+#: process-wide state (the gather function, the skip connections' element set, e3nn's
+#: scripted functions) for their duration; and a compiled
 #: function's first run synchronises the whole device (inductor benchmarks its kernel
 #: configurations), which would break a capture running meanwhile.
 DEVICE_WORK_LOCK = threading.RLock()
@@ -84,8 +85,7 @@ class CompiledModelCall:
     Args:
         eager_call: ``eager_call(batch, compute_stress) -> dict``, the model call run
             eagerly (what is traced, the reference of the check and the fallback). The
-            model's weights are baked into the compiled functions, so they must not change
-            afterwards. With ``background``, it is also called from the compiling thread,
+            traced graphs hold the model's weights, so they must not change afterwards. With ``background``, it is also called from the compiling thread,
             so it must be safe to call from two threads.
         reference_call: for a model with 16-bit operands, the same call on the model
             without them (its fp32 or fp64 master weights); the check then compares
@@ -265,7 +265,9 @@ class CompiledModelCall:
 
         inputs = [batch[key] for key in BATCH_KEYS]
         # Traced on the real inputs: the model's weights become constants of the graph.
-        with _script_functions_as_python():
+        # Locked as a whole: another engine's trace ending would restore the scripted
+        # functions in the middle of this one.
+        with DEVICE_WORK_LOCK, _script_functions_as_python():
             graph = make_fx(energy_forces)(*inputs)
         return compile_graph(graph, inputs)
 
