@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import platform
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -33,6 +34,10 @@ from .policies import (apply_policy, check_device_supports, check_single_backend
                        policy_context)
 
 BACKENDS = ("auto", "e3nn", "cuequivariance")
+#: Largest relative deviation between the fast path and mace's path at the first call,
+#: per model dtype: both run the same (policy-transformed) model, so they differ only by
+#: summation order; a misread layout differs by order 1.
+FAST_PATH_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, "16-bit": 5e-2}
 #: Forces above this (eV/Å) on any atom mean the model has left its domain; MD must stop.
 EXPLODING_FORCE_EV_A = 1.0e3
 
@@ -85,21 +90,96 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def _policy_for(policy, default_dtype: str):
+    """The policy a caller means by ``policy`` and mace's ``default_dtype`` together."""
+    by_dtype = {"float64": "fp64", "float32": "fp32"}
+    if default_dtype and default_dtype not in by_dtype:
+        raise ValueError(f"default_dtype must be 'float64' or 'float32', got {default_dtype!r}")
+    if policy is None:
+        return by_dtype.get(default_dtype, "fp32")
+    if default_dtype and get_policy(policy).model_dtype_name != default_dtype:
+        raise ValueError(f"policy {get_policy(policy).name!r} runs a "
+                         f"{get_policy(policy).model_dtype_name} model, but "
+                         f"default_dtype={default_dtype!r}")
+    return policy
+
+
+#: Each engine output's unit as a power of (energy unit, length unit), and its result key.
+_RESULT_UNITS = {"energy": (1, 0), "node_energy": (1, 0), "forces": (1, -1), "stress": (1, -3),
+                 "atomic_stresses": (1, -3), "atomic_virials": (1, -3), "dipole": (0, 0)}
+_RESULT_KEYS = {"atomic_stresses": "stresses", "atomic_virials": "virials"}
+#: Results of which mace's calculator also keeps each committee member's value and the variance.
+_COMMITTEE_KEYS = ("energy", "forces", "stress", "dipole")
+
+
+def _results_like_mace(outs: list[dict], energy_unit: float, length_unit: float,
+                       model_dtype: torch.dtype) -> dict:
+    """ASE results from the engines' outputs (one per committee member), with the keys,
+    units, dtypes and committee statistics of mace's ``MACECalculator.calculate``."""
+    dtype = np.float64 if model_dtype == torch.float64 else np.float32
+    results = {}
+    for name, (energy_power, length_power) in _RESULT_UNITS.items():
+        if name not in outs[0]:
+            continue
+        members = np.stack([np.asarray(out[name], dtype=dtype) for out in outs])
+        unit = energy_unit ** energy_power * length_unit ** length_power
+        key = _RESULT_KEYS.get(name, name)
+        mean = members.mean(axis=0)
+        results[key] = (float(mean) if name == "energy" else mean) * unit
+        if len(outs) > 1 and name in _COMMITTEE_KEYS:
+            results[f"{key}_comm"] = members * unit
+            variance = members.var(axis=0)
+            results[f"{key}_var"] = (float(variance) if name == "energy" else variance) * unit
+    if "energy" in results:
+        results["free_energy"] = results["energy"]
+    if "node_energy" in results:
+        results["energies"] = results["node_energy"].copy()
+        results["node_energy"] -= np.asarray(outs[0]["node_e0"], dtype=dtype) * energy_unit
+    if "stress" in results:
+        results["stress"] = full_3x3_to_voigt_6_stress(results["stress"])
+    if "stresses" in results:
+        results["stresses"] = np.asarray([full_3x3_to_voigt_6_stress(stress)
+                                          for stress in results["stresses"]])
+    return results
+
+
+def _largest_deviation(results: dict, reference: dict) -> float:
+    """Largest relative L2 difference over the results both have (energy, forces, ...)."""
+    deviations = [0.0]
+    for key in ("energy", "forces", "stress", "dipole", "node_energy"):
+        if key in results and key in reference:
+            difference = np.asarray(results[key], dtype=np.float64) - reference[key]
+            # The floor keeps an exact zero (a lone atom's forces) from dividing by zero.
+            scale = np.linalg.norm(np.asarray(reference[key], dtype=np.float64)) + 1e-3
+            deviations.append(float(np.linalg.norm(difference) / scale))
+    return max(deviations)
+
+
 class LowPrecisionMACECalculator(MACECalculator):
     """A MACE ASE calculator that runs a named precision policy on e3nn or cuEquivariance.
+
+    Accepts every keyword of mace's ``MACECalculator`` and returns the same result keys,
+    dtypes and shapes.
 
     Args:
         model_paths: path, glob or list of paths of MACE ``.model`` files (a committee if
             several). Loading unpickles the file, which runs code: load only trusted files.
         models: model object(s), instead of ``model_paths``. They are converted in place.
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-        policy: a name from :data:`mace_lpcalc.policies.POLICIES` or a ``PrecisionPolicy``.
+        policy: a name from :data:`mace_lpcalc.policies.POLICIES` or a ``PrecisionPolicy``;
+            None: ``default_dtype``'s (``"float64"``: fp64), else fp32.
         backend: ``"e3nn"``, ``"cuequivariance"`` or ``"auto"`` (cuEquivariance on CUDA when
-            its kernels are installed).
+            its kernels are installed; ``enable_cueq=True`` means ``"cuequivariance"``).
         fast_path: evaluate through :class:`mace_lpcalc.engine.MACEEngine` (persistent device
-            state, GPU neighbour list, CUDA graphs). ``"auto"``: on CUDA, or with
-            ``compile_model``, for a single model.
-            ``False`` uses mace's own per-call graph construction.
+            state, GPU neighbour list, CUDA graphs), one engine per committee member.
+            ``"auto"``: on CUDA, or with ``compile_model``. ``False`` uses mace's own
+            per-call graph construction. A model or output the fast path does not
+            evaluate (``DipolePolarizabilityMACE``, ``PolarMACE``, charge/spin embeddings,
+            a module layout it cannot read) makes it step aside, with one warning, to
+            mace's path; ``parameters["fast_path_status"]`` says which path runs and why.
+        verify_fast_path: at the first call, evaluate the structure on mace's path too
+            and step aside if the fast path disagrees beyond rounding
+            (:data:`FAST_PATH_TOLERANCE`).
         skin_A: Verlet skin of the fast path's neighbour list, Å. It does not change the
             results (the model sees only edges inside the cutoff), only how often the
             list is rebuilt.
@@ -108,22 +188,35 @@ class LowPrecisionMACECalculator(MACECalculator):
             only; see :mod:`mace_lpcalc.compiled`). Each new system size compiles (tens of
             seconds on a cold cache, a few on a warm one); results are checked against the
             eager model, which takes over with a warning if compilation or the check fails.
+            mace's ``compile_mode`` (any value) means ``compile_model=True``.
         compile_in_background: compile while MD runs on the uncompiled fast path, and
             switch when ready (``calc.engine.compiled.wait()`` waits for it); False makes
             the first call at each size compile.
-        **kwargs: passed to mace's ``MACECalculator`` (``head``, ``energy_units_to_eV``, ...).
+        default_dtype: mace's keyword: ``"float64"`` or ``"float32"`` picks the fp64 or
+            fp32 policy; it must agree with ``policy`` if both are given.
+        pad_num_edges: mace's keyword; on the fast path the smallest edge capacity.
+        **kwargs: passed to mace's ``MACECalculator`` (``head``, ``model_type``,
+            ``compute_atomic_stresses``, ``energy_units_to_eV``, ``charges_key``, ...).
     """
 
     def __init__(self, model_paths=None, models=None, device: str = "cpu",
-                 policy="fp32", backend: str = "auto", fast_path="auto", skin_A: float = DEFAULT_SKIN_A,
+                 policy=None, backend: str = "auto", fast_path="auto",
+                 verify_fast_path: bool = True, skin_A: float = DEFAULT_SKIN_A,
                  use_cuda_graph="auto", compile_model: bool = False,
-                 compile_in_background: bool = True, **kwargs):
+                 compile_in_background: bool = True, default_dtype: str = "",
+                 enable_cueq: bool = False, compile_mode=None, pad_num_edges: int = 0,
+                 **kwargs):
         try:
-            self.policy = get_policy(policy)
+            self.policy = get_policy(_policy_for(policy, default_dtype))
         except ValueError as err:
             raise CalculatorSetupError(str(err)) from None
         if (model_paths is None) == (models is None):
             raise CalculatorSetupError("give exactly one of model_paths or models")
+        if enable_cueq:
+            if backend not in ("auto", "cuequivariance"):
+                raise CalculatorSetupError(f"enable_cueq=True contradicts backend={backend!r}")
+            backend = "cuequivariance"
+        compile_model = bool(compile_model or compile_mode is not None)
         torch_device = torch.device(device)
         if torch_device.type == "cuda" and not torch.cuda.is_available():
             raise CalculatorSetupError(f"device {device!r} requested but CUDA is not available")
@@ -155,42 +248,74 @@ class LowPrecisionMACECalculator(MACECalculator):
         try:
             super().__init__(models=prepared, device=device,
                              default_dtype=self.policy.model_dtype_name, **kwargs)
+        except (ValueError, AssertionError) as err:
+            raise CalculatorSetupError(f"mace's calculator refused the setup: {err}") from None
         finally:
             torch.set_default_dtype(saved_dtype)
         self.models = [apply_policy(model, self.policy) for model in self.models]
         self.known_numbers = frozenset(model_elements(self.models[0]))
         self._checked_numbers: np.ndarray | None = None
+        self._verify_fast_path = bool(verify_fast_path)
         if fast_path == "auto":
-            fast_path = (torch_device.type == "cuda" or compile_model) and len(self.models) == 1
-        if fast_path and len(self.models) > 1:
-            raise CalculatorSetupError("the fast path evaluates one model; committees need "
-                                       "fast_path=False")
-        # A compiled 16-bit call is checked for accuracy against the model without its
-        # 16-bit operands (see mace_lpcalc.compiled).
-        reference_model = (copy_without_policy(self.models[0])
-                           if compile_model and fast_path and self.policy.reduced_dtypes
-                           else None)
-        self.engine = MACEEngine(
-            self.models[0], z_table_atomic_numbers=self.z_table.zs, r_max=self.r_max,
-            device=torch_device, skin_A=skin_A, use_cuda_graph=use_cuda_graph,
-            head=self.head, compile_model=compile_model,
-            compile_in_background=compile_in_background,
-            reference_model=reference_model) if fast_path else None
-        if compile_model and self.engine is None:
+            fast_path = torch_device.type == "cuda" or compile_model
+        self.engines: list[MACEEngine] = []
+        status = "off (fast_path=False)"
+        if fast_path:
+            try:
+                self.engines = [self._build_engine(model, torch_device, skin_A, use_cuda_graph,
+                                                   compile_model, compile_in_background,
+                                                   pad_num_edges)
+                                for model in self.models]
+                status = "on"
+            except ValueError as err:
+                if compile_model:
+                    raise CalculatorSetupError(f"compile_model=True needs the fast path, "
+                                               f"which cannot evaluate this model: {err}") from None
+                status = self._step_aside(f"the fast path cannot evaluate this model: {err}")
+        if compile_model and not self.engines:
             raise CalculatorSetupError("compile_model=True needs the fast path "
-                                       "(fast_path=True or 'auto', and a single model)")
+                                       "(fast_path=True or 'auto')")
         self.parameters.update(
             model_hash=self._hashes[0] if len(self._hashes) == 1 else self._hashes,
             policy=self.policy.name,
             policy_details=self.policy.as_dict(),
             backend=self.backend,
             device=str(torch_device),
-            fast_path=self.engine is not None,
-            skin_A=skin_A if self.engine is not None else None,
+            model_type=self.model_type,
+            fast_path=bool(self.engines),
+            fast_path_status=status,
+            skin_A=skin_A if self.engines else None,
             compile_model=bool(compile_model),
             compile_in_background=bool(compile_model and compile_in_background),
             versions=package_versions(),
         )
+
+    @property
+    def engine(self) -> MACEEngine | None:
+        """The fast path's engine of the first (or only) model; None on mace's path."""
+        return self.engines[0] if self.engines else None
+
+    def _build_engine(self, model, device, skin_A, use_cuda_graph, compile_model,
+                      compile_in_background, min_edge_capacity) -> MACEEngine:
+        # A compiled 16-bit call is checked for accuracy against the model without its
+        # 16-bit operands (see mace_lpcalc.compiled).
+        reference_model = (copy_without_policy(model)
+                           if compile_model and self.policy.reduced_dtypes else None)
+        return MACEEngine(
+            model, z_table_atomic_numbers=self.z_table.zs, r_max=self.r_max,
+            device=device, skin_A=skin_A, use_cuda_graph=use_cuda_graph, head=self.head,
+            model_type=self.model_type, compute_atomic_stresses=self.compute_atomic_stresses,
+            min_edge_capacity=min_edge_capacity, compile_model=compile_model,
+            compile_in_background=compile_in_background, reference_model=reference_model)
+
+    def _step_aside(self, reason: str) -> str:
+        """Stop using the fast path for good: warn once, record why, return the status."""
+        self.engines = []
+        status = f"off: {reason}; mace's path runs instead"
+        warnings.warn(f"LowPrecisionMACECalculator: {status}", RuntimeWarning, stacklevel=3)
+        if hasattr(self, "parameters"):
+            self.parameters.update(fast_path=False, fast_path_status=status, skin_A=None)
+        return status
 
     @staticmethod
     def _load(model_paths) -> list[torch.nn.Module]:
@@ -214,8 +339,11 @@ class LowPrecisionMACECalculator(MACECalculator):
         if not np.isfinite(positions).all():
             bad = np.flatnonzero(~np.isfinite(positions).all(axis=1))
             raise CalculationFailed(f"non-finite positions for atom(s) {bad[:10].tolist()}")
-        if atoms.pbc.any() and abs(atoms.cell.volume) < 1e-9:
-            raise CalculatorSetupError("periodic structure with a zero-volume cell")
+        periodic_rows = atoms.cell.array[atoms.pbc]
+        if len(periodic_rows) and np.linalg.matrix_rank(periodic_rows, tol=1e-8) < len(periodic_rows):
+            raise CalculatorSetupError(
+                f"the cell vectors of the periodic directions (pbc={atoms.pbc.tolist()}) are "
+                f"zero or linearly dependent: cell={atoms.cell.array.tolist()}")
 
     def _check_elements(self, numbers: np.ndarray) -> None:
         unknown = sorted(set(np.unique(numbers)) - self.known_numbers)
@@ -227,36 +355,51 @@ class LowPrecisionMACECalculator(MACECalculator):
     def calculate(self, atoms=None, properties=None, system_changes=all_changes):
         Calculator.calculate(self, atoms)
         self.check_atoms(self.atoms)
+        properties = properties or ["energy"]
         with policy_context(self.policy):
-            if self.engine is None:
+            if self.engines:
+                self._calculate_fast_or_step_aside(properties)
+            if not self.engines:
                 super().calculate(atoms, properties, system_changes)
-            else:
-                self._calculate_fast(properties or ["energy"])
         self._check_results()
 
+    def _calculate_fast_or_step_aside(self, properties) -> None:
+        try:
+            self._calculate_fast(properties)
+        except torch.cuda.OutOfMemoryError:
+            raise  # mace's path would not fit either
+        except Exception as err:  # noqa: BLE001 -- a valid model must not crash the calculator
+            self._step_aside(f"the fast path failed ({type(err).__name__}: {err})")
+            return
+        if self._verify_fast_path:
+            self._verify_fast_path = False
+            fast = self.results
+            MACECalculator.calculate(self, self.atoms.copy(), properties)
+            deviation = _largest_deviation(fast, self.results)
+            tolerance = FAST_PATH_TOLERANCE[self.policy.model_dtype if not
+                                            self.policy.reduced_dtypes else "16-bit"]
+            if not deviation <= tolerance:  # NaN too
+                self._step_aside(f"at the first call it differed from mace's path by "
+                                 f"{deviation:.2e} (relative; tolerance {tolerance:g})")
+                return
+            self.results = fast
+            self.parameters["fast_path_status"] = (
+                f"on; at the first call within {deviation:.1e} (relative) of mace's path")
+
     def _calculate_fast(self, properties) -> None:
-        """Fill ``self.results`` from the engine, with mace's calculator's keys and units."""
+        """Fill ``self.results`` from the engines, with mace's calculator's keys, units and dtypes."""
         atoms = self.atoms
         # A barostat asks for the stress right after the forces of every step; computing it
         # whenever the previous call wanted it avoids a second evaluation per step, while
         # NVT/NVE runs that log the stress now and then pay for it only near those steps.
         wanted = "stress" in properties or getattr(self, "_stress_asked_last_call", False)
         self._stress_asked_last_call = "stress" in properties
-        compute_stress = wanted and atoms.pbc.all()
-        out = self.engine.compute(atoms.positions, atoms.numbers, atoms.cell.array, atoms.pbc,
-                                  compute_stress=compute_stress)
-        energy_unit = self.energy_units_to_eV
-        force_unit = energy_unit / self.length_units_to_A
-        self.results = {
-            "energy": out["energy"] * energy_unit,
-            "free_energy": out["energy"] * energy_unit,
-            "forces": out["forces"] * force_unit,
-            "energies": out["node_energy"] * energy_unit,
-            "node_energy": (out["node_energy"] - out["node_e0"]) * energy_unit,
-        }
-        if compute_stress:
-            self.results["stress"] = full_3x3_to_voigt_6_stress(
-                out["stress"] * energy_unit / self.length_units_to_A ** 3)
+        charges = atoms.arrays.get(self.charges_key)
+        outs = [engine.compute(atoms.positions, atoms.numbers, atoms.cell.array, atoms.pbc,
+                               compute_stress=wanted, charges=charges)
+                for engine in self.engines]
+        self.results = _results_like_mace(outs, self.energy_units_to_eV, self.length_units_to_A,
+                                          self.policy.model_dtype)
 
     def _check_results(self) -> None:
         energy, forces = self.results.get("energy"), self.results.get("forces")

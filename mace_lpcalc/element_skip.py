@@ -21,12 +21,15 @@ the module is a faithful replacement anywhere.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import mace  # noqa: F401  -- before e3nn
 import torch
 from e3nn import o3
 
 from .policies import _flat_index, block_as_rows, rows_as_block
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +82,10 @@ class ElementSkip(torch.nn.Module):
         key = (self.elements, like.device, like.dtype)
         if getattr(self, "_cache_key", None) != key:
             index = torch.tensor(self.elements, dtype=torch.int64, device=like.device)
-            weights = [getattr(self, f"weight_{i}").to(like).index_select(0, index)
+            # Blocks no input irrep reaches (a residual first interaction maps scalars to
+            # every hidden irrep) have no weights: forward writes zeros for them.
+            weights = [None if block.in_start is None else
+                       getattr(self, f"weight_{i}").to(like).index_select(0, index)
                        .permute(1, 0, 2).reshape(block.mul_in, -1)
                        for i, block in enumerate(self.blocks)]
             self._cache, self._cache_key = (weights, index), key
@@ -170,14 +176,18 @@ def convert_element_skips(model: torch.nn.Module) -> list[ElementSkip]:
     skip is not an element-dependent product (a plain Linear, say) are left alone.
     """
     converted = []
-    for interaction in getattr(model, "interactions", ()):
+    for index, interaction in enumerate(getattr(model, "interactions", ())):
         skip = getattr(interaction, "skip_tp", None)
         if skip is None:
             continue
         if not isinstance(skip, ElementSkip):
             if not all(hasattr(skip, name) for name in ("irreps_in1", "irreps_in2")):
                 continue
-            skip = ElementSkip(skip)
+            try:
+                skip = ElementSkip(skip)
+            except ValueError as err:  # a product we cannot read: keep it, it is exact
+                logger.info("interaction %d keeps its skip_tp: %s", index, err)
+                continue
             interaction.skip_tp = skip
         converted.append(skip)
     return converted

@@ -112,6 +112,8 @@ class MACEEngine:
     def __init__(self, model: torch.nn.Module, *, z_table_atomic_numbers, r_max: float,
                  device="cpu", skin_A: float = DEFAULT_SKIN_A, use_cuda_graph="auto",
                  edge_headroom: float = 1.05, head: str | None = None,
+                 model_type: str = "MACE", compute_atomic_stresses: bool = False,
+                 min_edge_capacity: int = 0,
                  compile_model: bool = False, compile_in_background: bool = True,
                  reference_model: torch.nn.Module | None = None):
         self.device = torch.device(device)
@@ -127,6 +129,18 @@ class MACEEngine:
         if hasattr(model, "joint_embedding"):
             raise ValueError("models with charge/spin embeddings need per-system inputs "
                              "that MACEEngine does not provide")
+        if model_type not in MODEL_OUTPUTS:
+            raise ValueError(f"model_type {model_type!r} is not evaluated by MACEEngine; "
+                             f"it evaluates {', '.join(MODEL_OUTPUTS)}")
+        if compute_atomic_stresses and model_type != "MACE":
+            raise ValueError("atomic stresses are computed for energy models (model_type "
+                             f"'MACE') only, not {model_type!r}")
+        if compile_model and (model_type != "MACE" or compute_atomic_stresses):
+            raise ValueError("compile_model compiles energy, forces and stress of energy "
+                             "models; it does not compile dipoles or atomic stresses")
+        self.model_type = model_type
+        self.compute_atomic_stresses = bool(compute_atomic_stresses)
+        self.min_edge_capacity = int(min_edge_capacity)
         self.model = model.to(self.device)
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
@@ -140,6 +154,7 @@ class MACEEngine:
         self.atomic_numbers = tuple(int(z) for z in z_table_atomic_numbers)
         self._species_index = {z: index for index, z in enumerate(self.atomic_numbers)}
         self._head_index = _head_index(self.model, head)
+        self._has_energy = MODEL_OUTPUTS[model_type][0][0] == "energy"
         self.edge_headroom = float(edge_headroom)
         self.use_cuda_graph = (self.device.type == "cuda" if use_cuda_graph == "auto"
                                else bool(use_cuda_graph))
@@ -170,7 +185,8 @@ class MACEEngine:
 
     # ------------------------------------------------------------------ public API
 
-    def compute(self, positions, numbers, cell, pbc, compute_stress: bool = False) -> dict:
+    def compute(self, positions, numbers, cell, pbc, compute_stress: bool = False,
+                charges=None) -> dict:
         """Energy, forces, per-atom energies (and stress) of one configuration.
 
         Args:
@@ -178,14 +194,19 @@ class MACEEngine:
             numbers: (n_atoms,) atomic numbers, all among the model's elements.
             cell: (3, 3) Å, lattice vectors as rows (ignored in non-periodic directions).
             pbc: a bool or three bools.
-            compute_stress: also return the stress (fully periodic systems only).
+            compute_stress: also return the stress, computed as mace's calculator does for
+                any cell (from the cell's volume; zero for a zero-volume cell).
+            charges: (n_atoms,) fixed charges, e, for the dipole models' baseline dipole
+                (None: zero).
 
         Returns:
-            ``energy`` (float, eV), ``forces`` (n_atoms, 3) eV/Å, ``node_energy`` (n_atoms,)
-            eV as the model outputs it (reference energy included), ``node_e0`` (n_atoms,)
-            eV (each atom's reference energy E0), and with ``compute_stress`` ``stress``
-            (3, 3) eV/Å³ in mace's sign convention (as its calculator has it before the
-            Voigt conversion). Values are not checked for NaN.
+            For energy models ``energy`` (float, eV), ``forces`` (n_atoms, 3) eV/Å,
+            ``node_energy`` (n_atoms,) eV as the model outputs it (reference energy
+            included), ``node_e0`` (n_atoms,) eV (each atom's reference energy E0), with
+            ``compute_stress`` ``stress`` (3, 3) eV/Å³ in mace's sign convention (as its
+            calculator has it before the Voigt conversion), with atomic stresses
+            ``atomic_stresses`` and ``atomic_virials`` (n_atoms, 3, 3); for dipole models
+            ``dipole`` (3,) e·Å. Values are not checked for NaN.
         """
         positions = np.asarray(positions, dtype=np.float64)
         numbers = np.asarray(numbers)
@@ -197,10 +218,10 @@ class MACEEngine:
             raise ValueError(f"numbers must have shape ({len(positions)},), got {numbers.shape}")
         if cell.shape != (3, 3):
             raise ValueError(f"cell must have shape (3, 3), got {cell.shape}")
-        if compute_stress and not all(pbc):
-            raise ValueError(f"stress is defined only for fully periodic systems, got pbc={pbc}")
+        compute_stress = bool(compute_stress) and self._has_energy
         if self._numbers is None or not np.array_equal(numbers, self._numbers):
             self._set_species(numbers)
+        self._set_charges(charges)
 
         n_atoms = len(positions)
         host_in = self._host_in.numpy()
@@ -210,21 +231,19 @@ class MACEEngine:
         if self.neighbors.update(self._device_in[:n_atoms], self._device_in[n_atoms:], pbc,
                                  host_positions=positions, host_cell=cell):
             self._load_candidates()
-        out = self._evaluate_and_read(bool(compute_stress))
+        out = self._evaluate_and_read(compute_stress)
         n_edges = int(out[-1])
         if n_edges > self.edge_capacity:  # more edges entered the cutoff than it holds
             self._allocate_edges(n_edges)
-            out = self._evaluate_and_read(bool(compute_stress))
+            out = self._evaluate_and_read(compute_stress)
             n_edges = int(out[-1])
         self.n_edges = n_edges
-        results = {
-            "energy": float(out[0]),
-            "forces": out[1:1 + 3 * n_atoms].reshape(n_atoms, 3).copy(),
-            "node_energy": out[1 + 3 * n_atoms:1 + 4 * n_atoms].copy(),
-            "node_e0": self._node_e0.copy(),
-        }
-        if compute_stress:
-            results["stress"] = out[1 + 4 * n_atoms:-1].reshape(3, 3).copy()
+        results = {name: out[where].reshape(shape).copy()
+                   for name, (where, shape) in self._layout.items()
+                   if name != "stress" or compute_stress}
+        if self._has_energy:
+            results["energy"] = float(results["energy"][0])
+            results["node_e0"] = self._node_e0.copy()
         return results
 
     def _evaluate_and_read(self, compute_stress: bool) -> np.ndarray:
@@ -263,10 +282,20 @@ class MACEEngine:
         # Written in place so that captured graphs, which read these buffers, stay valid.
         self._node_attrs[:n_atoms] = 0
         self._node_attrs[torch.arange(n_atoms, device=self.device), indices] = 1
-        with torch.no_grad():
-            e0 = self.model.atomic_energies_fn(self._node_attrs[:n_atoms])
-        self._node_e0 = e0[:, self._head_index].detach().double().cpu().numpy()
+        if self._has_energy:
+            with torch.no_grad():
+                e0 = self.model.atomic_energies_fn(self._node_attrs[:n_atoms])
+            self._node_e0 = e0[:, self._head_index].detach().double().cpu().numpy()
         self._numbers = numbers.copy()
+
+    def _set_charges(self, charges) -> None:
+        charges = (np.zeros(self._n_atoms) if charges is None
+                   else np.asarray(charges, dtype=np.float64))
+        if charges.shape != (self._n_atoms,):
+            raise ValueError(f"charges must have shape ({self._n_atoms},), got {charges.shape}")
+        if not np.array_equal(charges, self._last_charges):
+            self._charges[:self._n_atoms] = torch.from_numpy(charges).to(self._charges)
+            self._last_charges = charges.copy()
 
     def _allocate_system(self, n_atoms: int) -> None:
         device, dtype = self.device, self.dtype
@@ -286,9 +315,12 @@ class MACEEngine:
                                  torch.ones(_PADDING_NODES, dtype=torch.int64, device=device)))
         self._ptr = torch.tensor([0, n_atoms, n_nodes], dtype=torch.int64, device=device)
         self._head = torch.full((2,), self._head_index, dtype=torch.int64, device=device)
-        # energy, forces (3n), node energies (n), stress (9), in-cutoff edge count: packed
-        # for one copy out.
-        self._out = torch.zeros(1 + 4 * n_atoms + 9 + 1, dtype=torch.float64, device=device)
+        self._charges = torch.zeros(n_nodes, dtype=dtype, device=device)
+        self._last_charges = None
+        # Every output, then the in-cutoff edge count: packed for one copy out.
+        self._layout = _output_layout(self.model_type, n_atoms, self.compute_atomic_stresses)
+        size = sum(np.prod(shape, dtype=int) for _, shape in self._layout.values())
+        self._out = torch.zeros(size + 1, dtype=torch.float64, device=device)
         self._host_out = (torch.empty_like(self._out, device="cpu").pin_memory() if on_cuda
                           else self._out)
         self._n_atoms = n_atoms
@@ -304,7 +336,7 @@ class MACEEngine:
             # The system is still changing (a lattice start disorders, a box shrinks); a
             # compiled call, whose re-compilation costs tens of seconds, gets more room.
             headroom = max(headroom, _COMPILED_REGROWTH_HEADROOM)
-        capacity = _round_up(n_edges * headroom)
+        capacity = _round_up(max(n_edges * headroom, self.min_edge_capacity))
         device = self.device
         self._edge_index = torch.empty((2, capacity), dtype=torch.int64, device=device)
         self._unit_shifts = torch.empty((capacity, 3), dtype=self.dtype, device=device)
@@ -335,7 +367,7 @@ class MACEEngine:
     def _load_candidates(self) -> None:
         """Copy a freshly built Verlet list into the fixed-capacity candidate buffers."""
         n_candidates = self.neighbors.n_edges
-        if n_candidates > self.candidate_capacity:
+        if n_candidates > self.candidate_capacity or not self.candidate_capacity:
             self._allocate_candidates(n_candidates)
         with torch.no_grad():
             self._candidate_edge_index[:, :n_candidates] = self.neighbors.edge_index
@@ -346,7 +378,7 @@ class MACEEngine:
         # Size the model's edge buffers now (a rebuild synchronises anyway), so that the
         # post-call overflow check is needed only when edges enter the cutoff later.
         n_inside = int(self._inside_cutoff().sum())
-        if n_inside > self.edge_capacity:
+        if n_inside > self.edge_capacity or not self.edge_capacity:
             self._allocate_edges(n_inside)
 
     # ------------------------------------------------------------------ evaluation
@@ -399,22 +431,25 @@ class MACEEngine:
             "batch": self._batch,
             "ptr": self._ptr,
             "head": self._head,
+            "charges": self._charges,
         }
         if self.compiled is not None:
             output = self.compiled(batch, compute_stress)
         else:
             output = self._eager_model_call(batch, compute_stress)
         with torch.no_grad():
-            self._out[0] = output["energy"][0]
-            self._out[1:1 + 3 * n_atoms] = output["forces"][:n_atoms].reshape(-1)
-            self._out[1 + 3 * n_atoms:1 + 4 * n_atoms] = output["node_energy"][:n_atoms]
-            if compute_stress:
-                self._out[1 + 4 * n_atoms:-1] = output["stress"][0].reshape(-1)
+            for name, (where, _) in self._layout.items():
+                if name == "stress" and not compute_stress:
+                    continue
+                # Graph-level outputs: graph 0; per-atom outputs: the real atoms.
+                value = output[name][0] if name in _GRAPH_OUTPUTS else output[name][:n_atoms]
+                self._out[where] = value.reshape(-1)
             self._out[-1] = n_edges
 
     def _eager_model_call(self, batch: dict, compute_stress: bool) -> dict:
         with DEVICE_WORK_LOCK, _elements_in_use(self._element_skips, self._elements_in_use):
-            return _eager_model_call(self.model, batch, compute_stress)
+            return _eager_model_call(self.model, batch, compute_stress,
+                                     atomic_stresses=self.compute_atomic_stresses)
 
     def _run(self, compute_stress: bool) -> None:
         if self.compiled is not None and self.compiled.version != self._graphs_compiled_version:
@@ -470,11 +505,40 @@ class MACEEngine:
         self._graphs.clear()
 
 
-def _eager_model_call(model: torch.nn.Module, batch: dict, compute_stress: bool) -> dict:
-    # A fresh leaf sharing the buffer's memory: the model sets requires_grad on it.
-    batch = dict(batch, positions=batch["positions"].detach())
+def _eager_model_call(model: torch.nn.Module, batch: dict, compute_stress: bool,
+                      atomic_stresses: bool = False) -> dict:
+    # Fresh leaves sharing the buffers' memory: the models set requires_grad on them.
+    batch = dict(batch, positions=batch["positions"].detach(),
+                 node_attrs=batch["node_attrs"].detach())
+    extra = (dict(compute_edge_forces=True, compute_atomic_stresses=True) if atomic_stresses
+             else {})
     with DEVICE_WORK_LOCK, torch.enable_grad(), _gather_by_index_select():
-        return model(batch, compute_stress=compute_stress, training=False)
+        return model(batch, compute_stress=compute_stress, training=False, **extra)
+
+
+#: Outputs per mace calculator ``model_type``, each with its shape (``n``: atoms).
+MODEL_OUTPUTS = {
+    "MACE": (("energy", (1,)), ("forces", ("n", 3)), ("node_energy", ("n",)),
+             ("stress", (3, 3))),
+    "EnergyDipoleMACE": (("energy", (1,)), ("forces", ("n", 3)), ("node_energy", ("n",)),
+                         ("stress", (3, 3)), ("dipole", (3,))),
+    "DipoleMACE": (("dipole", (3,)),),
+}
+_ATOMIC_STRESS_OUTPUTS = (("atomic_stresses", ("n", 3, 3)), ("atomic_virials", ("n", 3, 3)))
+#: Outputs with one value per graph (the others have one per node).
+_GRAPH_OUTPUTS = frozenset({"energy", "stress", "dipole"})
+
+
+def _output_layout(model_type: str, n_atoms: int, atomic_stresses: bool) -> dict:
+    """Where each output lies in the packed output buffer: name -> (slice, shape)."""
+    fields = MODEL_OUTPUTS[model_type] + (_ATOMIC_STRESS_OUTPUTS if atomic_stresses else ())
+    layout, offset = {}, 0
+    for name, shape in fields:
+        shape = tuple(n_atoms if size == "n" else size for size in shape)
+        size = int(np.prod(shape))
+        layout[name] = (slice(offset, offset + size), shape)
+        offset += size
+    return layout
 
 
 def _float_dtype(model: torch.nn.Module) -> torch.dtype:
