@@ -143,6 +143,20 @@ def _results_like_mace(outs: list[dict], energy_unit: float, length_unit: float,
     return results
 
 
+def _cell_as_mace_sees_it(cell: np.ndarray, pbc: np.ndarray, positions: np.ndarray,
+                          r_max: float) -> np.ndarray:
+    """The cell mace's calculator hands its model (``mace.data.neighborhood``): each open
+    direction gets a long axis vector. It changes only the stress of systems that are not
+    fully periodic (through the volume), which then equals mace's."""
+    if pbc.all():
+        return cell
+    cell = cell.copy() if cell.any() else np.identity(3)
+    extent = (np.abs(positions).max() + 1) * 5 * r_max
+    for axis in np.flatnonzero(~pbc):
+        cell[axis] = extent * np.identity(3)[axis]
+    return cell
+
+
 def _largest_deviation(results: dict, reference: dict) -> float:
     """Largest relative L2 difference over the results both have (energy, forces, ...)."""
     deviations = [0.0]
@@ -242,8 +256,18 @@ class LowPrecisionMACECalculator(MACECalculator):
                 check_single_backend(model)
             except ValueError as err:
                 raise CalculatorSetupError(str(err)) from None
-            prepared.append(_convert_backend(model.to(self.policy.model_dtype), self.backend,
-                                             torch_device.type))
+            model = model.to(self.policy.model_dtype)
+            try:
+                prepared.append(_convert_backend(model, self.backend, torch_device.type))
+            except Exception as err:  # noqa: BLE001 -- mace's converters raise anything
+                problem = (f"mace's converter to {self.backend} cannot convert this "
+                           f"{type(model).__name__} ({type(err).__name__}: {err})")
+                if backend != "auto" or model_backend(model) != "e3nn":
+                    raise CalculatorSetupError(problem) from None
+                warnings.warn(f"LowPrecisionMACECalculator: {problem}; running it on e3nn",
+                              RuntimeWarning, stacklevel=2)
+                self.backend = "e3nn"
+                prepared.append(model)
         saved_dtype = torch.get_default_dtype()
         try:
             super().__init__(models=prepared, device=device,
@@ -394,8 +418,13 @@ class LowPrecisionMACECalculator(MACECalculator):
         # NVT/NVE runs that log the stress now and then pay for it only near those steps.
         wanted = "stress" in properties or getattr(self, "_stress_asked_last_call", False)
         self._stress_asked_last_call = "stress" in properties
-        charges = atoms.arrays.get(self.charges_key)
-        outs = [engine.compute(atoms.positions, atoms.numbers, atoms.cell.array, atoms.pbc,
+        # The fixed charges of the dipole models' baseline, read as mace's calculator reads
+        # them: the "charges" entry of its arrays_keys names the atoms array (with mace's
+        # defaults there is none, and the charges are zero).
+        charges_array = self.arrays_keys.get("charges")
+        charges = atoms.arrays.get(charges_array) if charges_array else None
+        cell = _cell_as_mace_sees_it(atoms.cell.array, atoms.pbc, atoms.positions, self.r_max)
+        outs = [engine.compute(atoms.positions, atoms.numbers, cell, atoms.pbc,
                                compute_stress=wanted, charges=charges)
                 for engine in self.engines]
         self.results = _results_like_mace(outs, self.energy_units_to_eV, self.length_units_to_A,

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from ase import Atoms
+from ase.calculators.calculator import CalculatorSetupError
 from mace.calculators import MACECalculator
 
 from mace_lpcalc import LowPrecisionMACECalculator
@@ -44,6 +45,12 @@ TOLERANCES = {
     "fp32-linear-bf16": dict(energy=1e-2, forces=1e-1, stress=1e-1, node_energy=1e-1,
                              dipole=1e-1),
 }
+#: Architectures mace's e3nn -> cuEquivariance converter (``mace.cli.convert_e3nn_cueq``)
+#: fails on (mace-torch 0.3.16): a plain ``MACE`` class, correlation 1, correlations that
+#: differ between interactions, the dipole models. Our calculator must refuse them on that
+#: backend with a clear setup error (and ``backend="auto"`` keeps them on e3nn).
+NOT_CONVERTED_BY_MACE = ("residual-first", "L3-one-interaction", "three-interactions",
+                         "dipole", "energy-dipole")
 #: Added to the reference's norm so that exact zeros (a lone atom's forces) compare absolutely.
 FLOORS = dict(forces=1e-3, stress=1e-4, node_energy=1e-3, dipole=1e-4)
 
@@ -96,6 +103,8 @@ def _model(name: str) -> torch.nn.Module:
 
 def _calculator_kwargs(name: str) -> dict:
     kwargs = dict(model_type=model_type_of(_models.get(name) or _model(name)))
+    if kwargs["model_type"] != "MACE":
+        kwargs["arrays_keys"] = {"charges": "Qs"}  # the baseline dipole of fixed charges
     if "heads" in ARCHITECTURES[name]:
         kwargs["head"] = ARCHITECTURES[name]["heads"][0]  # not the default head
     return kwargs
@@ -137,6 +146,12 @@ def test_matches_mace_at_fp64(architecture, policy, fast_path, backend):
             "residual-first", "plain-first", "L2"):
         pytest.skip("fp16 on CPU only for three architectures (slow emulated matmuls)")
     reference = _reference(architecture)
+    if backend == "cuequivariance" and architecture in NOT_CONVERTED_BY_MACE:
+        with pytest.raises(CalculatorSetupError, match="mace's converter to cuequivariance"):
+            LowPrecisionMACECalculator(models=_model(architecture), device=DEVICE,
+                                       policy=policy, backend=backend, fast_path=fast_path,
+                                       **_calculator_kwargs(architecture))
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fast path stepping aside fails
         calc = LowPrecisionMACECalculator(models=_model(architecture), device=DEVICE,
@@ -211,7 +226,7 @@ def test_atomic_stresses_match_maces(fast_path):
 
 
 def test_maces_keywords_are_accepted_and_mean_the_same():
-    model = build_architecture("residual-first", r_max=R_MAX_A)
+    model = build_architecture("plain-first", r_max=R_MAX_A)
     calc = LowPrecisionMACECalculator(models=model, device=DEVICE, default_dtype="float64",
                                       enable_cueq=True, fast_path=True, pad_num_edges=640)
     assert calc.policy.name == "fp64"
@@ -221,6 +236,20 @@ def test_maces_keywords_are_accepted_and_mean_the_same():
     with pytest.raises(Exception, match="default_dtype"):
         LowPrecisionMACECalculator(models=build_architecture("L0"), policy="fp32",
                                    default_dtype="float64")
+
+
+def test_auto_backend_keeps_a_model_maces_converter_cannot_take_on_e3nn(monkeypatch):
+    import mace_lpcalc.calculator as calculator_module
+
+    monkeypatch.setattr(calculator_module, "resolve_backend", lambda backend, device:
+                        "cuequivariance")  # what "auto" gives on a GPU with the kernels
+    with pytest.warns(RuntimeWarning, match="cannot convert this MACE"):
+        calc = LowPrecisionMACECalculator(models=_model("residual-first"), device=DEVICE,
+                                          policy="fp64")
+    assert calc.parameters["backend"] == "e3nn"
+    results = _evaluate(calc, STRUCTURES["bulk"])
+    np.testing.assert_allclose(results["forces"], _reference("residual-first")["bulk"]["forces"],
+                               rtol=1e-9, atol=1e-12)
 
 
 def test_an_unreadable_layout_makes_the_fast_path_step_aside(monkeypatch):
