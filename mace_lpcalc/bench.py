@@ -31,6 +31,7 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from mace.calculators import MACECalculator
 
 from .calculator import LowPrecisionMACECalculator, package_versions
+from .model_zoo import build_architecture
 from .models import build_off24m_shaped_model, build_tiny_model, load_model
 from .policies import POLICIES
 from .systems import water_box
@@ -61,9 +62,14 @@ def median_ms(call, device: str, warmup: int, repeats: int) -> float:
 
 
 def make_model(spec: str, dtype=torch.float64) -> torch.nn.Module:
-    """``off24m`` (random-weight MACE-OFF24(M) shape), ``tiny``, or a ``.model`` path."""
+    """``off24m`` (random-weight MACE-OFF24(M) shape), ``tiny``, ``zoo:NAME`` (an
+    architecture of :mod:`mace_lpcalc.model_zoo` at MACE-OFF24(M) widths, H and O), or a
+    ``.model`` path."""
     if spec == "off24m":
         return build_off24m_shaped_model(dtype=dtype)
+    if spec.startswith("zoo:"):
+        return build_architecture(spec[4:], atomic_numbers=(1, 8), size="off24m",
+                                  r_max=6.0, dtype=dtype)
     if spec == "tiny":
         return build_tiny_model(atomic_numbers=(1, 8), dtype=dtype)
     return load_model(spec).to(dtype)
@@ -117,7 +123,7 @@ def model_only_call(calc, atoms):
 
 def run_benchmark(*, model_spec: str, device: str, sizes: list[int], policies: list[str],
                   backends: list[str], warmup: int, repeats: int, langevin: bool,
-                  baselines: bool = True, fast_path="auto", skins=(None,),
+                  baselines=tuple(BASELINES), fast_path="auto", skins=(None,),
                   langevin_block: int = 10, compile_modes=(False,)) -> dict:
     """Time every configuration; returns the JSON-ready result dictionary."""
     rows = []
@@ -131,12 +137,12 @@ def run_benchmark(*, model_spec: str, device: str, sizes: list[int], policies: l
         del reference
 
         configurations = []
-        if baselines:
-            for name, options in BASELINES.items():
-                if options.get("enable_cueq") and not device.startswith("cuda"):
-                    continue
-                configurations.append((name, "mace", lambda o=options: MACECalculator(
-                    models=make_model(model_spec), device=device, **o)))
+        for name in baselines or ():
+            options = BASELINES[name]
+            if options.get("enable_cueq") and not device.startswith("cuda"):
+                continue
+            configurations.append((name, "mace", lambda o=options: MACECalculator(
+                models=make_model(model_spec), device=device, **o)))
         for backend in backends:
             for policy in policies:
                 for skin in skins:
@@ -317,7 +323,7 @@ def markdown_table(result: dict, key: str = "langevin_step_ms") -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="off24m", help="off24m, tiny, or a .model path")
+    parser.add_argument("--model", default="off24m", help="off24m, tiny, zoo:NAME (mace_lpcalc.model_zoo) or a .model path")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 216, 512, 1728],
                         help="water molecules per box (x3 atoms)")
@@ -327,6 +333,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-langevin", action="store_true")
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=list(BASELINES),
+                        help="mace calculators to time as baselines")
     parser.add_argument("--no-fast-path", action="store_true",
                         help="time our calculator on mace's per-call graph construction")
     parser.add_argument("--skins", type=float, nargs="+", default=[None],
@@ -357,7 +365,7 @@ def main(argv=None) -> None:
         result = run_benchmark(model_spec=args.model, device=args.device, sizes=args.sizes,
                                policies=args.policies, backends=args.backends,
                                warmup=args.warmup, repeats=args.repeats,
-                               langevin=not args.no_langevin, baselines=not args.no_baselines,
+                               langevin=not args.no_langevin, baselines=() if args.no_baselines else args.baselines,
                                fast_path=False if args.no_fast_path else "auto",
                                skins=args.skins, langevin_block=args.langevin_block,
                                compile_modes={"off": (False,), "on": (True,),

@@ -112,16 +112,15 @@ _RESULT_KEYS = {"atomic_stresses": "stresses", "atomic_virials": "virials"}
 _COMMITTEE_KEYS = ("energy", "forces", "stress", "dipole")
 
 
-def _results_like_mace(outs: list[dict], energy_unit: float, length_unit: float,
-                       model_dtype: torch.dtype) -> dict:
-    """ASE results from the engines' outputs (one per committee member), with the keys,
-    units, dtypes and committee statistics of mace's ``MACECalculator.calculate``."""
-    dtype = np.float64 if model_dtype == torch.float64 else np.float32
+def _results_like_mace(outs: list[dict], energy_unit: float, length_unit: float) -> dict:
+    """ASE results from the engines' outputs (one per committee member, each in the dtype
+    the model returned it), with the keys, units, dtypes and committee statistics of
+    mace's ``MACECalculator.calculate``."""
     results = {}
     for name, (energy_power, length_power) in _RESULT_UNITS.items():
         if name not in outs[0]:
             continue
-        members = np.stack([np.asarray(out[name], dtype=dtype) for out in outs])
+        members = np.stack([np.asarray(out[name]) for out in outs])
         unit = energy_unit ** energy_power * length_unit ** length_power
         key = _RESULT_KEYS.get(name, name)
         mean = members.mean(axis=0)
@@ -134,7 +133,7 @@ def _results_like_mace(outs: list[dict], energy_unit: float, length_unit: float,
         results["free_energy"] = results["energy"]
     if "node_energy" in results:
         results["energies"] = results["node_energy"].copy()
-        results["node_energy"] -= np.asarray(outs[0]["node_e0"], dtype=dtype) * energy_unit
+        results["node_energy"] -= outs[0]["node_e0"] * energy_unit  # in place, as mace does
     if "stress" in results:
         results["stress"] = full_3x3_to_voigt_6_stress(results["stress"])
     if "stresses" in results:
@@ -427,8 +426,7 @@ class LowPrecisionMACECalculator(MACECalculator):
         outs = [engine.compute(atoms.positions, atoms.numbers, cell, atoms.pbc,
                                compute_stress=wanted, charges=charges)
                 for engine in self.engines]
-        self.results = _results_like_mace(outs, self.energy_units_to_eV, self.length_units_to_A,
-                                          self.policy.model_dtype)
+        self.results = _results_like_mace(outs, self.energy_units_to_eV, self.length_units_to_A)
 
     def _check_results(self) -> None:
         energy, forces = self.results.get("energy"), self.results.get("forces")

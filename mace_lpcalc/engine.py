@@ -238,7 +238,8 @@ class MACEEngine:
             out = self._evaluate_and_read(compute_stress)
             n_edges = int(out[-1])
         self.n_edges = n_edges
-        results = {name: out[where].reshape(shape).copy()
+        # In the dtypes the model returned them (mace's calculator passes those on).
+        results = {name: out[where].reshape(shape).astype(self._output_dtypes[name])
                    for name, (where, shape) in self._layout.items()
                    if name != "stress" or compute_stress}
         if self._has_energy:
@@ -285,7 +286,7 @@ class MACEEngine:
         if self._has_energy:
             with torch.no_grad():
                 e0 = self.model.atomic_energies_fn(self._node_attrs[:n_atoms])
-            self._node_e0 = e0[:, self._head_index].detach().double().cpu().numpy()
+            self._node_e0 = e0[:, self._head_index].detach().cpu().numpy()
         self._numbers = numbers.copy()
 
     def _set_charges(self, charges) -> None:
@@ -321,6 +322,7 @@ class MACEEngine:
         self._layout = _output_layout(self.model_type, n_atoms, self.compute_atomic_stresses)
         size = sum(np.prod(shape, dtype=int) for _, shape in self._layout.values())
         self._out = torch.zeros(size + 1, dtype=torch.float64, device=device)
+        self._output_dtypes: dict[str, type] = {}
         self._host_out = (torch.empty_like(self._out, device="cpu").pin_memory() if on_cuda
                           else self._out)
         self._n_atoms = n_atoms
@@ -444,6 +446,7 @@ class MACEEngine:
                 # Graph-level outputs: graph 0; per-atom outputs: the real atoms.
                 value = output[name][0] if name in _GRAPH_OUTPUTS else output[name][:n_atoms]
                 self._out[where] = value.reshape(-1)
+                self._output_dtypes[name] = _NUMPY_DTYPES[value.dtype]
             self._out[-1] = n_edges
 
     def _eager_model_call(self, batch: dict, compute_stress: bool) -> dict:
@@ -525,6 +528,7 @@ MODEL_OUTPUTS = {
     "DipoleMACE": (("dipole", (3,)),),
 }
 _ATOMIC_STRESS_OUTPUTS = (("atomic_stresses", ("n", 3, 3)), ("atomic_virials", ("n", 3, 3)))
+_NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32}
 #: Outputs with one value per graph (the others have one per node).
 _GRAPH_OUTPUTS = frozenset({"energy", "stress", "dipole"})
 

@@ -23,9 +23,12 @@ from mace import modules
 
 #: name -> architecture options (see :func:`build_architecture`).
 ARCHITECTURES: dict[str, dict] = {
-    # mace's training CLI at its defaults: residual interactions from the first one.
+    # mace's training CLI at its defaults (--model MACE builds a ScaleShiftMACE):
+    # residual interactions from the first one.
     "residual-first": dict(first="RealAgnosticResidualInteractionBlock", lmax=1,
-                           correlation=3, num_interactions=2, model="MACE"),
+                           correlation=3, num_interactions=2, model="ScaleShiftMACE"),
+    "unscaled-MACE-class": dict(first="RealAgnosticResidualInteractionBlock", lmax=1,
+                                correlation=2, num_interactions=2, model="MACE"),
     # MACE-OFF / MACE-MP: a plain first interaction, residual ones after.
     "plain-first": dict(first="RealAgnosticInteractionBlock", lmax=1, correlation=3,
                         num_interactions=2, model="ScaleShiftMACE"),

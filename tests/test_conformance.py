@@ -46,10 +46,10 @@ TOLERANCES = {
                              dipole=1e-1),
 }
 #: Architectures mace's e3nn -> cuEquivariance converter (``mace.cli.convert_e3nn_cueq``)
-#: fails on (mace-torch 0.3.16): a plain ``MACE`` class, correlation 1, correlations that
+#: fails on (mace-torch 0.3.16): the unscaled ``MACE`` class, correlation 1, correlations that
 #: differ between interactions, the dipole models. Our calculator must refuse them on that
 #: backend with a clear setup error (and ``backend="auto"`` keeps them on e3nn).
-NOT_CONVERTED_BY_MACE = ("residual-first", "L3-one-interaction", "three-interactions",
+NOT_CONVERTED_BY_MACE = ("unscaled-MACE-class", "L3-one-interaction", "three-interactions",
                          "dipole", "energy-dipole")
 #: Added to the reference's norm so that exact zeros (a lone atom's forces) compare absolutely.
 FLOORS = dict(forces=1e-3, stress=1e-4, node_energy=1e-3, dipole=1e-4)
@@ -244,11 +244,12 @@ def test_auto_backend_keeps_a_model_maces_converter_cannot_take_on_e3nn(monkeypa
     monkeypatch.setattr(calculator_module, "resolve_backend", lambda backend, device:
                         "cuequivariance")  # what "auto" gives on a GPU with the kernels
     with pytest.warns(RuntimeWarning, match="cannot convert this MACE"):
-        calc = LowPrecisionMACECalculator(models=_model("residual-first"), device=DEVICE,
+        calc = LowPrecisionMACECalculator(models=_model("unscaled-MACE-class"), device=DEVICE,
                                           policy="fp64")
     assert calc.parameters["backend"] == "e3nn"
     results = _evaluate(calc, STRUCTURES["bulk"])
-    np.testing.assert_allclose(results["forces"], _reference("residual-first")["bulk"]["forces"],
+    np.testing.assert_allclose(results["forces"],
+                               _reference("unscaled-MACE-class")["bulk"]["forces"],
                                rtol=1e-9, atol=1e-12)
 
 

@@ -188,8 +188,12 @@ def test_nan_results_are_returned_not_hidden(model):
 def test_bad_input_is_refused(model):
     engine = _engine(model)
     cluster = carbon_cluster(8)
-    with pytest.raises(ValueError, match="fully periodic"):
-        _compute(engine, cluster, True)
+    with pytest.raises(ValueError, match="charges must have shape"):
+        engine.compute(cluster.positions, [6] * 8, np.zeros((3, 3)), False, charges=[0.0])
+    with pytest.raises(ValueError, match="does not compile dipoles"):
+        _engine(model, model_type="EnergyDipoleMACE", compile_model=True)
+    with pytest.raises(ValueError, match="not evaluated by MACEEngine"):
+        _engine(model, model_type="PolarMACE")
     with pytest.raises(ValueError, match=r"\[14\]"):
         engine.compute(cluster.positions, [14] * 8, np.zeros((3, 3)), False)
     with pytest.raises(ValueError, match="numbers must have shape"):
