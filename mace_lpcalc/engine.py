@@ -154,7 +154,7 @@ class MACEEngine:
         self.atomic_numbers = tuple(int(z) for z in z_table_atomic_numbers)
         self._species_index = {z: index for index, z in enumerate(self.atomic_numbers)}
         self._head_index = _head_index(self.model, head)
-        self._has_energy = MODEL_OUTPUTS[model_type][0][0] == "energy"
+        self._has_energy = "energy" in dict(MODEL_OUTPUTS[model_type])
         self.edge_headroom = float(edge_headroom)
         self.use_cuda_graph = (self.device.type == "cuda" if use_cuda_graph == "auto"
                                else bool(use_cuda_graph))
