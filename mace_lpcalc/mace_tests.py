@@ -36,10 +36,16 @@ _CALCULATOR_MODULES = ("mace.calculators.mace", "mace.calculators",
 
 def pytest_configure(config):  # noqa: ARG001 -- pytest's plugin hook
     """Swap our calculator in for mace's, as the variable says."""
+    import importlib
+
+    # Imported here in every variant, before the checkout's tests put the checkout on
+    # sys.path: all three runs test the installed mace-torch (give a checkout of that
+    # version; its training subprocesses still run the checkout's code).
+    for name in _CALCULATOR_MODULES:
+        importlib.import_module(name)
     variant = os.environ.get(VARIANT_VARIABLE, "mace")
     if variant == "mace":
         return
-    import importlib
 
     from mace_lpcalc import LowPrecisionMACECalculator
 
