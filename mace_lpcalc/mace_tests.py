@@ -13,6 +13,7 @@ the test modules are imported it replaces ``MACECalculator`` in mace's calculato
 modules with a subclass of ours, so ``from mace.calculators.mace import
 MACECalculator`` in the tests gets ours. Where mace's tests leave the dtype to the
 model (``default_dtype=""``; they train float64 models), ours runs the fp64 policy.
+Every variant imports the checkout's mace (the one its tests and training runs use).
 Tests that download foundation models fail without a network, with either calculator.
 """
 
@@ -34,13 +35,15 @@ _CALCULATOR_MODULES = ("mace.calculators.mace", "mace.calculators",
                        "mace.calculators.foundations_models")
 
 
-def pytest_configure(config):  # noqa: ARG001 -- pytest's plugin hook
+def pytest_configure(config):
     """Swap our calculator in for mace's, as the variable says."""
     import importlib
 
-    # Imported here in every variant, before the checkout's tests put the checkout on
-    # sys.path: all three runs test the installed mace-torch (give a checkout of that
-    # version; its training subprocesses still run the checkout's code).
+    # The checkout's mace, as its tests (and the training runs they start) use it, in
+    # every variant: imported now, before anything imports another mace.
+    checkout = Path(config.rootpath) if config is not None else None
+    if checkout is not None and (checkout / "mace" / "__init__.py").is_file():
+        sys.path.insert(0, str(checkout))
     for name in _CALCULATOR_MODULES:
         importlib.import_module(name)
     variant = os.environ.get(VARIANT_VARIABLE, "mace")
