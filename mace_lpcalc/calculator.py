@@ -25,6 +25,7 @@ from ase.calculators.calculator import (CalculationFailed, Calculator, Calculato
 from ase.data import chemical_symbols
 from ase.stress import full_3x3_to_voigt_6_stress
 from mace.calculators.mace import MACECalculator
+from mace.tools import torch_tools
 
 from .engine import DEFAULT_SKIN_A, MACEEngine
 
@@ -385,6 +386,12 @@ class LowPrecisionMACECalculator(MACECalculator):
             if not self.engines:
                 super().calculate(atoms, properties, system_changes)
         self._check_results()
+
+    def _atoms_to_batch(self, atoms):
+        # Some mace versions build the batch in torch's default dtype, which their
+        # calculator sets process-wide at construction; ours sets it only while building.
+        with torch_tools.default_dtype(self.policy.model_dtype):
+            return super()._atoms_to_batch(atoms)
 
     def _calculate_fast_or_step_aside(self, properties) -> None:
         try:
