@@ -380,18 +380,14 @@ class LowPrecisionMACECalculator(MACECalculator):
         Calculator.calculate(self, atoms)
         self.check_atoms(self.atoms)
         properties = properties or ["energy"]
-        with policy_context(self.policy):
+        # mace builds batches and result tensors in torch's default dtype, which its
+        # calculator sets process-wide at construction; ours sets it only while it calculates.
+        with policy_context(self.policy), torch_tools.default_dtype(self.policy.model_dtype):
             if self.engines:
                 self._calculate_fast_or_step_aside(properties)
             if not self.engines:
                 super().calculate(atoms, properties, system_changes)
         self._check_results()
-
-    def _atoms_to_batch(self, atoms):
-        # Some mace versions build the batch in torch's default dtype, which their
-        # calculator sets process-wide at construction; ours sets it only while building.
-        with torch_tools.default_dtype(self.policy.model_dtype):
-            return super()._atoms_to_batch(atoms)
 
     def _calculate_fast_or_step_aside(self, properties) -> None:
         try:

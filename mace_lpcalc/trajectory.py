@@ -35,7 +35,11 @@ datasets.
 
 Frames are appended one at a time and flushed after each, so a run killed at any point
 keeps every frame logged before its last flush; ``step`` is written last in each append,
-so its length counts the complete frames. The root attributes record the run: protocol,
+so its length counts the complete frames. The file stays readable while a run writes it:
+the writer opens it without HDF5's file lock, so another process can open it with h5py,
+:func:`read_trajectory` or ``mdtraj.load`` at any time (a frame being appended at that
+moment may be missing from what it reads); instead, the writer holds an exclusive lock on
+``<file>.lock`` beside it, so no second run writes the same file. The root attributes record the run: protocol,
 settings (JSON), model hash, precision policy, backend, seed, library versions (JSON),
 ``n_atoms`` and ``periodic``.
 """
@@ -43,7 +47,9 @@ settings (JSON), model hash, precision policy, backend, seed, library versions (
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
+import os
 from pathlib import Path
 
 import h5py
@@ -164,9 +170,10 @@ class TrajectoryWriter:
     return a context manager.
     """
 
-    def __init__(self, path: Path, handle: h5py.File):
+    def __init__(self, path: Path, handle: h5py.File, lock: _WriterLock):
         self.path = path
         self._file = handle
+        self._lock = lock
         self.n_atoms = int(handle.attrs["n_atoms"])
         self.periodic = bool(handle.attrs["periodic"])
         # "step" goes last in every append: its length counts the complete frames.
@@ -176,6 +183,8 @@ class TrajectoryWriter:
         self._mass_g = float(handle["masses"][:].sum()) * units._amu * 1e3
         steps = handle["step"]
         self.last_step = int(steps[-1]) if len(steps) else None
+        #: Complete frames :meth:`reopen` cut off (logged after the checkpoint resumed from).
+        self.discarded_frames = 0
 
     @classmethod
     def create(cls, path, atoms: Atoms, metadata: dict, *, overwrite: bool = False):
@@ -189,7 +198,12 @@ class TrajectoryWriter:
             raise TrajectoryError("structure is periodic in all directions but its cell "
                                   f"is degenerate: {atoms.cell.tolist()}")
         periodic = is_periodic(atoms)
-        handle = h5py.File(path, "w")
+        lock = _WriterLock(path)
+        try:
+            handle = h5py.File(path, "w", locking=False)
+        except BaseException:
+            lock.release()
+            raise
         try:
             root = handle.attrs
             root.update({"conventions": "Pande", "conventionVersion": "1.1",
@@ -208,8 +222,9 @@ class TrajectoryWriter:
             handle.flush()
         except BaseException:
             handle.close()
+            lock.release()
             raise
-        return cls(path, handle)
+        return cls(path, handle, lock)
 
     @classmethod
     def reopen(cls, path, *, keep_through_step: int, n_atoms: int, metadata=None):
@@ -218,13 +233,22 @@ class TrajectoryWriter:
         ``metadata`` updates root attributes."""
         path = Path(path)
         _check_readable(path)
-        handle = h5py.File(path, "r+")
+        lock = _WriterLock(path)
+        try:
+            handle = h5py.File(path, "r+", locking=False)
+        except OSError as err:
+            lock.release()
+            raise TrajectoryError(f"{path} is a corrupt HDF5 file ({err})") from err
+        except BaseException:
+            lock.release()
+            raise
         try:
             _check_format(path, handle)
             if int(handle.attrs["n_atoms"]) != n_atoms:
                 raise TrajectoryError(f"{path} holds {handle.attrs['n_atoms']} atoms, "
                                       f"the checkpoint {n_atoms}")
-            n_keep = int(np.count_nonzero(handle["step"][:] <= keep_through_step))
+            steps = handle["step"][:]
+            n_keep = int(np.count_nonzero(steps <= keep_through_step))
             for name in UNITS:
                 if name in handle:
                     if handle[name].shape[0] < n_keep:
@@ -235,8 +259,11 @@ class TrajectoryWriter:
             handle.flush()
         except BaseException:
             handle.close()
+            lock.release()
             raise
-        return cls(path, handle)
+        writer = cls(path, handle, lock)
+        writer.discarded_frames = len(steps) - n_keep
+        return writer
 
     def append(self, frame: Frame) -> None:
         """Validate ``frame`` against the file, write it and flush."""
@@ -302,12 +329,39 @@ class TrajectoryWriter:
     def close(self) -> None:
         if self._file.id.valid:
             self._file.close()
+        self._lock.release()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc_info):
         self.close()
+
+
+class _WriterLock:
+    """An exclusive lock on ``<path>.lock``, held while a writer has ``path`` open.
+
+    It stands in for HDF5's own file lock, which the writer does not take so that readers
+    can open the file while it grows. The operating system drops it when the process dies,
+    so a killed run leaves nothing that blocks its resumption. The lock file itself is
+    left in place: removing it would let a second writer lock a new file of that name
+    while a third still waits on the old one.
+    """
+
+    def __init__(self, path: Path):
+        self._path = path.with_name(path.name + ".lock")
+        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise TrajectoryError(f"{path} is being written by another process (it holds "
+                                  f"{self._path.name})") from None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _set_attributes(handle: h5py.File, metadata: dict) -> None:

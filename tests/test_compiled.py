@@ -67,6 +67,7 @@ def test_inductor_compiled_call_matches_the_eager_model(water):
     assert _relative(got["forces"], expected["forces"]) < 1e-5
 
 
+@pytest.mark.slow
 def test_a_second_compilation_of_the_same_call_is_served_by_inductors_cache(water):
     """What a later process pays: the graph is traced again, but inductor's code comes
     from its on-disk cache (it bypasses the cache without a shape environment)."""

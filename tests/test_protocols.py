@@ -397,3 +397,56 @@ def test_shipped_settings_files_load(name, settings_class):
                                 settings_class)
     settings = settings_class(structure="water.xyz", **values)
     assert settings.timestep_fs == 1.0 and settings.temperature_K == 300.0
+
+
+def test_checkpoints_come_by_wall_time_as_well_as_by_step(tmp_path, monkeypatch):
+    atoms = _argon_cluster()
+    ase.io.write(tmp_path / "ar.xyz", atoms)
+    saved_steps = []
+    save = Checkpoint.save
+    monkeypatch.setattr(Checkpoint, "save",
+                        lambda self, path: (saved_steps.append(self.step), save(self, path)))
+    by_step = NVTSettings(structure=str(tmp_path / "ar.xyz"), steps=12, log_every=4,
+                          checkpoint_every=5, out=str(tmp_path / "a.h5"))
+    NVT(by_step, calculator=Harmonic(atoms.positions, 1.0)).run()
+    assert saved_steps == [0, 5, 10, 12]
+    saved_steps.clear()
+    by_time = dataclasses.replace(by_step, checkpoint_every=1000, checkpoint_every_s=1e-9,
+                                  out=str(tmp_path / "b.h5"))
+    NVT(by_time, calculator=Harmonic(atoms.positions, 1.0)).run()
+    assert saved_steps == list(range(13))
+
+
+def test_off_a_terminal_progress_is_plain_lines_at_the_interval(tmp_path, capsys):
+    atoms = _argon_cluster()
+    ase.io.write(tmp_path / "ar.xyz", atoms)
+    settings = NVESettings(structure=str(tmp_path / "ar.xyz"), steps=20, log_every=2,
+                           progress_every_s=3600.0, out=str(tmp_path / "run.h5"))
+    NVE(settings, calculator=Harmonic(atoms.positions, 1.0)).run()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nve ")]
+    # The first logged frame and the last step; the interval suppresses the rest.
+    assert [line.split(",")[0] for line in lines] == [
+        "nve run.h5: step 2/20 (0.002 ps)", "nve run.h5: step 20/20 (0.02 ps)"]
+    assert all(" ns/day" in line and "ETA " in line and " K" in line for line in lines)
+    change = float(lines[-1].split("conserved energy change ")[1].split()[0])
+    data = read_trajectory(settings.out)
+    expected = (data["conserved_energy"][-1] - data["conserved_energy"][1]) / len(atoms) * 1e3
+    assert change == pytest.approx(expected, rel=1e-2, abs=1e-6)
+
+
+def test_fp32_npt_with_stress_resumes_bit_for_bit_on_two_threads(water_files, tmp_path):
+    """The deterministic setting (on by default) makes fp32 sums repeatable."""
+    structure, model = water_files
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        common = dict(structure=str(structure), model=str(model), policy="fp32", seed=1,
+                      log_every=2, checkpoint_every=100)
+        NPT(NPTSettings(**common, steps=12, out=str(tmp_path / "whole.h5"))).run()
+        NPT(NPTSettings(**common, steps=6, out=str(tmp_path / "cut.h5"))).run()
+        summary = NPT(NPTSettings(**common, steps=12, out=str(tmp_path / "cut.h5"),
+                                  resume=True)).run()
+    finally:
+        torch.set_num_threads(threads)
+    assert summary["steps_run"] == 6 and not torch.are_deterministic_algorithms_enabled()
+    _assert_same_run(tmp_path / "cut.h5", tmp_path / "whole.h5")

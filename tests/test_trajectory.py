@@ -201,3 +201,32 @@ def test_reopen_cuts_back_to_the_checkpoint_and_ignores_half_written_frames(tmp_
     assert mdtraj.load(str(path)).n_frames == 3
     with pytest.raises(TrajectoryError, match="24 atoms"):
         TrajectoryWriter.reopen(path, keep_through_step=15, n_atoms=12)
+
+
+_READ_IN_ANOTHER_PROCESS = """
+import sys, h5py, mdtraj
+from mace_lpcalc.trajectory import read_trajectory
+path = sys.argv[1]
+with h5py.File(path, "r") as handle:
+    h5py_frames = handle["step"].shape[0]
+print(h5py_frames, read_trajectory(path).n_frames, mdtraj.load(path).n_frames)
+"""
+
+
+def test_a_running_trajectory_is_readable_by_other_processes_and_writable_by_none(tmp_path):
+    import subprocess
+    import sys
+    atoms = water_box(8)
+    path = tmp_path / "run.h5"
+    with TrajectoryWriter.create(path, atoms, METADATA) as writer:
+        for step in (0, 5):
+            writer.append(_frame(atoms, step))
+        reader = subprocess.run([sys.executable, "-c", _READ_IN_ANOTHER_PROCESS, str(path)],
+                                capture_output=True, text=True, timeout=120)
+        assert reader.returncode == 0, reader.stderr
+        assert reader.stdout.split() == ["2", "2", "2"]
+        with pytest.raises(TrajectoryError, match="being written by another process"):
+            TrajectoryWriter.reopen(path, keep_through_step=5, n_atoms=len(atoms))
+        writer.append(_frame(atoms, 10))
+    with TrajectoryWriter.reopen(path, keep_through_step=10, n_atoms=len(atoms)) as again:
+        assert again.last_step == 10

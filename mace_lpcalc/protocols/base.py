@@ -9,42 +9,48 @@ does the rest:
    so a bad structure or an unknown element fails before any file is written,
 3. log a frame every ``log_every`` steps to the trajectory (:mod:`mace_lpcalc.trajectory`),
    stopping with ``CalculationFailed`` at the first non-finite or exploding force,
-4. write a checkpoint every ``checkpoint_every`` steps and at the end.
+4. write a checkpoint every ``checkpoint_every`` steps, every ``checkpoint_every_s``
+   seconds of wall time, and at the end,
+5. report progress (:mod:`.progress`): a bar on a terminal, plain lines in a log file.
 
 A checkpoint (``run.checkpoint.npz`` beside ``run.h5``, replaced atomically) holds the
 positions, momenta, cell, step and the integrator's internal state, random generator
 included, so a run killed at any moment resumes with ``resume=True`` exactly where an
 uninterrupted run would be (bit for bit where the calculator is deterministic, as on
 CPU; GPU reductions may differ in the last bits): the trajectory is cut back to the
-checkpoint's step and continued, losing no logged frame.
+checkpoint's step and the frames logged after it are simulated again, so the finished
+file holds every frame once.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import io
 import json
 import os
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import ClassVar
 
 import ase.io
 import numpy as np
+import torch
 from ase import Atoms, units
 from ase.calculators.calculator import CalculationFailed, CalculatorSetupError
 from ase.md.md import MolecularDynamics
 from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_momenta
-from tqdm.auto import tqdm
 
 from mace_lpcalc.calculator import (BACKENDS, EXPLODING_FORCE_EV_A, LowPrecisionMACECalculator,
                                     package_versions)
 from mace_lpcalc.models import build_tiny_model, default_model_path
 from mace_lpcalc.policies import POLICIES
-from mace_lpcalc.trajectory import (TrajectoryData, TrajectoryWriter, frame_from_atoms,
-                                    is_periodic, read_trajectory)
+from mace_lpcalc.protocols.progress import RunProgress, ns_per_day
+from mace_lpcalc.trajectory import (TrajectoryData, TrajectoryError, TrajectoryWriter,
+                                    frame_from_atoms, is_periodic, read_trajectory)
 
 try:
     import tomllib
@@ -53,7 +59,6 @@ except ModuleNotFoundError:  # Python 3.10
 
 CHECKPOINT_FORMAT = "mace_lpcalc.checkpoint"
 _FS_PER_PS = 1000.0
-_SECONDS_PER_DAY = 86400.0
 
 
 def setting(default, help: str, *, flags=(), choices=None):
@@ -71,6 +76,10 @@ class MDSettings:
     policy: str = setting("fp32", "precision policy", choices=tuple(POLICIES))
     backend: str = setting("auto", "MACE backend", choices=BACKENDS)
     device: str = setting("cpu", "torch device, e.g. cpu or cuda")
+    deterministic: bool = setting(True, "on CPU, run with torch's deterministic algorithms, "
+                                        "so that repeated and resumed runs agree bit for bit "
+                                        "(with several threads, fp32 sums otherwise differ "
+                                        "in the last bits); no effect on a GPU")
     compile_model: bool = setting(False, "fuse the model call with TorchInductor, compiled "
                                          "in the background while MD runs uncompiled; "
                                          "checked against the uncompiled model")
@@ -83,6 +92,10 @@ class MDSettings:
     seed: int = setting(0, "random seed of the initial velocities and thermostat noise")
     log_every: int = setting(10, "steps between logged frames")
     checkpoint_every: int = setting(1000, "steps between checkpoints")
+    checkpoint_every_s: float = setting(300.0, "wall-clock seconds between checkpoints, "
+                                               "whichever of the two comes first (s)")
+    progress_every_s: float = setting(30.0, "wall-clock seconds between progress lines "
+                                            "when the output is not a terminal (s)")
     max_force_eV_A: float = setting(EXPLODING_FORCE_EV_A,
                                     "stop when any atom's force exceeds this (eV/Å)")
     out: str = setting("run.h5", "trajectory file (the checkpoint goes beside it)")
@@ -91,12 +104,15 @@ class MDSettings:
 
     #: Settings that may change when a run is resumed; every other one must match.
     RESUMABLE_CHANGES: ClassVar[frozenset] = frozenset(
-        {"structure", "model", "device", "compile_model", "steps", "checkpoint_every", "out",
-         "overwrite", "resume"})
+        {"structure", "model", "device", "deterministic", "compile_model", "steps",
+         "checkpoint_every", "checkpoint_every_s", "progress_every_s", "out", "overwrite",
+         "resume"})
 
     def __post_init__(self):
         positive = {"timestep_fs": self.timestep_fs, "log_every": self.log_every,
                     "checkpoint_every": self.checkpoint_every,
+                    "checkpoint_every_s": self.checkpoint_every_s,
+                    "progress_every_s": self.progress_every_s,
                     "max_force_eV_A": self.max_force_eV_A}
         for name, value in positive.items():
             if not value > 0:
@@ -147,6 +163,24 @@ def build_calculator(settings: MDSettings) -> LowPrecisionMACECalculator:
     print("model: tiny random-weight MACE built in code (no shipped model found; "
           "its forces have no physical meaning)", file=sys.stderr)
     return LowPrecisionMACECalculator(models=build_tiny_model(), **common)
+
+
+def _prepare_output_directory(out: Path) -> None:
+    """Create the directory of ``out`` if needed; refuse one that cannot be written to,
+    before any expensive set-up."""
+    blocking = next((folder for folder in (out.parent, *out.parent.parents)
+                     if folder.exists() and not folder.is_dir()), None)
+    if blocking is not None:
+        raise NotADirectoryError(errno.ENOTDIR, f"cannot write {out}: {blocking} is a file, "
+                                                "not a directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(err.errno, f"cannot create the output directory of {out}: "
+                                 f"{err.strerror}") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, f"the output directory {out.parent} is not "
+                                            "writable")
 
 
 def _versions(calculator) -> dict:
@@ -201,7 +235,7 @@ class Checkpoint:
                            settings=json.loads(str(data["settings"])),
                            model_hash=str(data["model_hash"]), step=int(data["step"]),
                            atoms=atoms, dynamics_state=state)
-        except (OSError, ValueError, KeyError) as err:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
             raise ValueError(f"{path} is not a readable mace_lpcalc checkpoint "
                              f"({type(err).__name__}: {err})") from err
 
@@ -219,6 +253,8 @@ class MDProtocol:
     settings_class: ClassVar[type[MDSettings]] = MDSettings
     #: Trajectory series :meth:`summarize` reads.
     summary_series: ClassVar[tuple[str, ...]] = ()
+    #: Whether the integrator conserves an energy whose change the progress line shows.
+    conserves_energy: ClassVar[bool] = True
 
     def __init__(self, settings: MDSettings, calculator=None):
         if not isinstance(settings, self.settings_class):
@@ -247,7 +283,20 @@ class MDProtocol:
     # -- the run -------------------------------------------------------------------------
     def run(self) -> dict:
         """Run (or resume) the protocol; return a summary dict (``protocol``, ``path``,
-        ``steps_run``, ``final_step``, ``ns_per_day`` and the protocol's own results)."""
+        ``steps_run``, ``final_step``, ``ns_per_day`` and the protocol's own results).
+
+        With ``deterministic`` on a CPU, torch's deterministic algorithms are switched on
+        for the run (a process-wide torch setting) and restored when it ends."""
+        if not (self.settings.deterministic and str(self.settings.device).startswith("cpu")):
+            return self._run()
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            return self._run()
+        finally:
+            torch.use_deterministic_algorithms(previous)
+
+    def _run(self) -> dict:
         settings = self.settings
         out = Path(settings.out)
         checkpoint = self._load_checkpoint() if settings.resume else None
@@ -256,6 +305,7 @@ class MDProtocol:
                                   "resume to continue it")
         atoms = checkpoint.atoms if checkpoint else read_structure(settings.structure)
         self.check_structure(atoms)
+        _prepare_output_directory(out)
         calculator = self.calculator if self.calculator is not None \
             else build_calculator(settings)
         provenance = getattr(calculator, "parameters", {})
@@ -282,6 +332,9 @@ class MDProtocol:
         if checkpoint:
             writer = TrajectoryWriter.reopen(out, keep_through_step=start, n_atoms=len(atoms),
                                              metadata={"settings": settings.as_dict()})
+            print(f"{out}: resuming at step {start} from {checkpoint_path(out).name}; "
+                  f"{writer.discarded_frames} frame(s) logged after it are simulated again",
+                  file=sys.stderr)
         else:
             writer = TrajectoryWriter.create(out, atoms, {
                 "protocol": self.name, "settings": settings.as_dict(),
@@ -307,9 +360,9 @@ class MDProtocol:
 
     def _integrate(self, atoms, dynamics, writer, start: int, model_hash: str) -> float:
         settings = self.settings
-        progress = tqdm(total=settings.steps, initial=start, unit="step", disable=None,
-                        desc=f"{self.name} {Path(settings.out).name}")
-        run_started = interval_started = time.perf_counter()
+        progress = RunProgress(f"{self.name} {Path(settings.out).name}", start, settings.steps,
+                               settings.timestep_fs, settings.progress_every_s)
+        run_started = interval_started = last_checkpoint = time.perf_counter()
         last_logged = start
         with progress:
             for step in range(start + 1, settings.steps + 1):
@@ -321,13 +374,16 @@ class MDProtocol:
                 if step % settings.log_every == 0 or step == settings.steps:
                     now = time.perf_counter()
                     seconds_per_step = (now - interval_started) / (step - last_logged)
-                    writer.append(self._frame(atoms, dynamics, step, seconds_per_step))
-                    progress.update(step - last_logged)
-                    progress.set_postfix_str(
-                        f"{_ns_per_day(settings.timestep_fs, seconds_per_step):.3g} ns/day")
+                    frame = self._frame(atoms, dynamics, step, seconds_per_step)
+                    writer.append(frame)
+                    progress.update(step, seconds_per_step, atoms, frame.conserved_energy_eV
+                                    if self.conserves_energy else None)
                     interval_started, last_logged = now, step
-                if step % settings.checkpoint_every == 0 or step == settings.steps:
+                checkpoint_due = time.perf_counter() - last_checkpoint >= settings.checkpoint_every_s
+                if (step % settings.checkpoint_every == 0 or step == settings.steps
+                        or checkpoint_due):
                     self._save_checkpoint(atoms, dynamics, step, model_hash)
+                    last_checkpoint = time.perf_counter()
         return time.perf_counter() - run_started
 
     def _frame(self, atoms, dynamics, step: int, seconds_per_step: float):
@@ -383,12 +439,8 @@ class MDProtocol:
         trajectory = read_trajectory(out, names=("step", *self.summary_series))
         return {"protocol": self.name, "path": str(out), "steps_run": steps_run,
                 "final_step": int(trajectory["step"][-1]),
-                "ns_per_day": _ns_per_day(self.settings.timestep_fs, seconds_per_step),
+                "ns_per_day": ns_per_day(self.settings.timestep_fs, seconds_per_step),
                 **self.summarize(trajectory)}
-
-
-def _ns_per_day(timestep_fs: float, seconds_per_step: float) -> float:
-    return timestep_fs * 1e-6 * _SECONDS_PER_DAY / seconds_per_step
 
 
 def random_generator(seed: int, stream: int) -> np.random.Generator:
@@ -439,6 +491,8 @@ def build_parser(settings_class: type[MDSettings], prog: str) -> argparse.Argume
     parser.add_argument("structure", nargs="?", help="structure file (ase.io.read)")
     parser.add_argument("--settings", metavar="FILE.toml",
                         help="TOML file of settings; command-line options override it")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of one line")
     for field in dataclasses.fields(settings_class):
         if field.name == "structure":
             continue
@@ -460,6 +514,11 @@ def settings_from_command_line(settings_class: type[MDSettings], argv, prog: str
     """Defaults, overridden by ``--settings FILE.toml``, overridden by explicit options."""
     parser = build_parser(settings_class, prog)
     arguments = vars(parser.parse_args(argv))
+    arguments.pop("debug")
+    return _settings_from(arguments, settings_class, parser)
+
+
+def _settings_from(arguments: dict, settings_class: type[MDSettings], parser) -> MDSettings:
     values = read_settings_file(arguments["settings"], settings_class) \
         if arguments["settings"] else {}
     values.update({key: value for key, value in arguments.items()
@@ -469,17 +528,37 @@ def settings_from_command_line(settings_class: type[MDSettings], argv, prog: str
     return settings_class(**values)
 
 
+#: What a run refuses or stops with: bad files and settings, models the calculator
+#: cannot set up, failed calculations, and the operating system's refusals (an
+#: unwritable directory, a full disk). Reported in one line; ``--debug`` shows the traceback.
+_REPORTED_ERRORS = (OSError, ValueError, CalculatorSetupError, CalculationFailed)
+
+
 def main(protocol_class: type[MDProtocol], argv=None) -> dict:
     """Command-line entry point shared by the protocol modules."""
     prog = f"python -m mace_lpcalc.protocols.{protocol_class.name}"
-    settings = settings_from_command_line(protocol_class.settings_class, argv, prog)
+    parser = build_parser(protocol_class.settings_class, prog)
+    arguments = vars(parser.parse_args(argv))
+    debug = arguments.pop("debug")
     try:
+        settings = _settings_from(arguments, protocol_class.settings_class, parser)
         summary = protocol_class(settings).run()
-    except (FileNotFoundError, FileExistsError, ValueError, CalculatorSetupError,
-            CalculationFailed) as err:
-        raise SystemExit(f"{prog}: error: {err}") from err
+    except _REPORTED_ERRORS as err:
+        if debug:
+            raise
+        raise SystemExit(f"{prog}: error: {_one_line(err)}") from None
     print(json.dumps(summary, indent=2))
     return summary
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:  # no "[Errno N]" prefix
+        text = error.strerror
+        if error.filename and str(error.filename) not in text:
+            text = f"{error.filename}: {text}"
+    else:
+        text = str(error)
+    return " ".join(text.split())
 
 
 def periodic_cell_required(atoms: Atoms, protocol: str) -> None:

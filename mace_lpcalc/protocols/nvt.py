@@ -31,6 +31,9 @@ class NVTSettings(MDSettings):
 
     def __post_init__(self):
         super().__post_init__()
+        if not self.temperature_K > 0:
+            raise ValueError(f"a Langevin thermostat needs temperature_K > 0, got "
+                             f"{self.temperature_K} (for a run without a bath use nve)")
         if not self.friction_per_fs > 0:
             raise ValueError(f"friction_per_fs must be positive, got {self.friction_per_fs}")
 
@@ -40,6 +43,7 @@ class NVT(MDProtocol):
 
     name = "nvt"
     settings_class = NVTSettings
+    conserves_energy = False  # the Langevin bath exchanges heat
 
     def build_dynamics(self, atoms, state):
         settings = self.settings

@@ -1,0 +1,93 @@
+"""How a running protocol reports progress: a bar on a terminal, plain lines elsewhere.
+
+On a terminal, tqdm's bar with ns/day. Off a terminal (a batch job's log file), the bar
+would print nothing useful until the end, so a plain line goes out at the first logged
+frame and then at most every ``every_s`` seconds of wall time, and at the last step:
+
+    nvt run.h5: step 2000/100000 (2 ps), 4.1 ns/day, ETA 1h05m, T 301.2 K, density 0.998 g/cm³
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+from ase import Atoms, units
+from tqdm.auto import tqdm
+
+_FS_PER_PS = 1000.0
+_SECONDS_PER_DAY = 86400.0
+_CM3_PER_ANGSTROM3 = 1e-24
+_GRAMS_PER_AMU = units._amu * 1e3
+
+
+def ns_per_day(timestep_fs: float, seconds_per_step: float) -> float:
+    return timestep_fs * 1e-6 * _SECONDS_PER_DAY / seconds_per_step
+
+
+class RunProgress:
+    """Progress of one run from step ``start`` to ``total``; ``stream`` is stderr unless given."""
+
+    def __init__(self, label: str, start: int, total: int, timestep_fs: float,
+                 every_s: float, stream=None):
+        self.label, self.total, self.timestep_fs, self.every_s = label, total, timestep_fs, every_s
+        self.stream = stream or sys.stderr
+        self.on_terminal = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._bar = tqdm(total=total, initial=start, unit="step", desc=label,
+                         file=self.stream) if self.on_terminal else None
+        self._step, self._last_line_at, self._first_conserved_eV = start, None, None
+
+    def update(self, step: int, seconds_per_step: float, atoms: Atoms,
+               conserved_energy_eV: float | None) -> None:
+        """Report that the run reached ``step`` at ``seconds_per_step`` wall seconds each;
+        ``conserved_energy_eV`` is None where the dynamics conserves no energy (Langevin)."""
+        if self._first_conserved_eV is None:
+            self._first_conserved_eV = conserved_energy_eV
+        speed = ns_per_day(self.timestep_fs, seconds_per_step)
+        if self._bar is not None:
+            self._bar.update(step - self._step)
+            self._bar.set_postfix_str(f"{speed:.3g} ns/day")
+        else:
+            now = time.monotonic()
+            due = self._last_line_at is None or now - self._last_line_at >= self.every_s
+            if due or step == self.total:
+                print(self.line(step, seconds_per_step, atoms, conserved_energy_eV),
+                      file=self.stream, flush=True)
+                self._last_line_at = now
+        self._step = step
+
+    def line(self, step: int, seconds_per_step: float, atoms: Atoms,
+             conserved_energy_eV: float | None) -> str:
+        parts = [f"{self.label}: step {step}/{self.total} "
+                 f"({step * self.timestep_fs / _FS_PER_PS:.4g} ps)"]
+        if np.isfinite(seconds_per_step):
+            parts.append(f"{ns_per_day(self.timestep_fs, seconds_per_step):.3g} ns/day")
+            parts.append(f"ETA {_duration((self.total - step) * seconds_per_step)}")
+        parts.append(f"T {atoms.get_temperature():.1f} K")
+        if atoms.pbc.all() and atoms.cell.rank == 3:
+            mass_g = atoms.get_masses().sum() * _GRAMS_PER_AMU
+            parts.append(f"density {mass_g / (atoms.get_volume() * _CM3_PER_ANGSTROM3):.4g} "
+                         "g/cm³")
+        if conserved_energy_eV is not None:
+            drift_meV = (conserved_energy_eV - self._first_conserved_eV) / len(atoms) * 1e3
+            parts.append(f"conserved energy change {drift_meV:+.3g} meV/atom")
+        return ", ".join(parts)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def _duration(seconds: float) -> str:
+    minutes = int(round(seconds / 60))
+    if minutes < 1:
+        return f"{seconds:.0f}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m"
