@@ -209,6 +209,9 @@ class LowPrecisionMACECalculator(MACECalculator):
         default_dtype: mace's keyword: ``"float64"`` or ``"float32"`` picks the fp64 or
             fp32 policy; it must agree with ``policy`` if both are given.
         pad_num_edges: mace's keyword; on the fast path the smallest edge capacity.
+        max_force_eV_A: a force on any atom above this (eV/Å) raises ``CalculationFailed``
+            (atoms too close, or the model out of its domain); ``None`` or ``inf`` turns
+            the check off. The protocols pass their ``max_force_eV_A`` setting here.
         **kwargs: passed to mace's ``MACECalculator`` (``head``, ``model_type``,
             ``compute_atomic_stresses``, ``energy_units_to_eV``, ``charges_key``, ...).
     """
@@ -219,13 +222,16 @@ class LowPrecisionMACECalculator(MACECalculator):
                  use_cuda_graph="auto", compile_model: bool = False,
                  compile_in_background: bool = True, default_dtype: str = "",
                  enable_cueq: bool = False, compile_mode=None, pad_num_edges: int = 0,
-                 **kwargs):
+                 max_force_eV_A: float | None = EXPLODING_FORCE_EV_A, **kwargs):
         try:
             self.policy = get_policy(_policy_for(policy, default_dtype))
         except ValueError as err:
             raise CalculatorSetupError(str(err)) from None
         if (model_paths is None) == (models is None):
             raise CalculatorSetupError("give exactly one of model_paths or models")
+        self.max_force_eV_A = float("inf") if max_force_eV_A is None else float(max_force_eV_A)
+        if not self.max_force_eV_A > 0:
+            raise CalculatorSetupError(f"max_force_eV_A must be positive, got {max_force_eV_A}")
         if enable_cueq:
             if backend not in ("auto", "cuequivariance"):
                 raise CalculatorSetupError(f"enable_cueq=True contradicts backend={backend!r}")
@@ -442,10 +448,10 @@ class LowPrecisionMACECalculator(MACECalculator):
                 raise CalculationFailed(f"MACE returned non-finite forces on atom(s) "
                                         f"{bad[:10].tolist()} under policy {self.policy.name!r}")
             largest = float(np.sqrt(np.einsum("ij,ij->i", forces, forces).max(initial=0.0)))
-            if largest > EXPLODING_FORCE_EV_A:
+            if largest > self.max_force_eV_A:
                 raise CalculationFailed(
-                    f"exploding forces: max |F| = {largest:.3g} eV/Å exceeds "
-                    f"{EXPLODING_FORCE_EV_A:g} eV/Å (atoms too close or the model is out of domain)")
+                    f"exploding forces: max |F| = {largest:.3g} eV/Å exceeds max_force_eV_A = "
+                    f"{self.max_force_eV_A:g} eV/Å (atoms too close or the model is out of domain)")
 
     def precision_report(self, atoms=None) -> list[dict]:
         """Which dtype each module actually ran in, measured by forward hooks on a real call.

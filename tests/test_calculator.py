@@ -11,6 +11,8 @@ from mace.calculators import MACECalculator
 from scipy.spatial.transform import Rotation
 
 from mace_lpcalc import LowPrecisionMACECalculator
+from mace_lpcalc.protocols.base import build_calculator
+from mace_lpcalc.protocols.nvt import NVTSettings
 from mace_lpcalc.policies import POLICIES
 
 
@@ -253,11 +255,23 @@ def test_nan_positions_fail_clearly(tiny_model_factory, water8):
         atoms.get_forces()
 
 
-def test_overlapping_atoms_raise_exploding_forces(tiny_model_factory, water8, monkeypatch):
-    # Random tiny models are soft, so lower the limit to exercise the check.
-    monkeypatch.setattr("mace_lpcalc.calculator.EXPLODING_FORCE_EV_A", 1e-3)
+def test_one_force_limit_honoured_by_the_calculator_and_the_protocols(tiny_model_factory,
+                                                                     water8):
     atoms = water8.copy()
     atoms.positions[1] = atoms.positions[0] + 1e-4
-    atoms.calc = LowPrecisionMACECalculator(models=tiny_model_factory(), policy="fp64")
-    with pytest.raises(CalculationFailed, match="exploding forces"):
-        atoms.get_forces()
+    atoms.calc = LowPrecisionMACECalculator(models=tiny_model_factory(), policy="fp64",
+                                            max_force_eV_A=None)
+    largest = float(np.linalg.norm(atoms.get_forces(), axis=1).max())
+    for limit, fails in ((0.5 * largest, True), (2.0 * largest, False)):
+        atoms.calc = LowPrecisionMACECalculator(models=tiny_model_factory(), policy="fp64",
+                                                max_force_eV_A=limit)
+        if fails:
+            with pytest.raises(CalculationFailed, match="exploding forces.*max_force_eV_A"):
+                atoms.get_forces()
+        else:
+            atoms.get_forces()
+    with pytest.raises(CalculatorSetupError, match="max_force_eV_A must be positive"):
+        LowPrecisionMACECalculator(models=tiny_model_factory(), max_force_eV_A=0)
+    # A protocol's limit above the calculator's default reaches the calculator.
+    assert build_calculator(NVTSettings(structure="x.xyz", max_force_eV_A=5e3)
+                            ).max_force_eV_A == 5e3

@@ -155,7 +155,8 @@ def read_structure(path) -> Atoms:
 def build_calculator(settings: MDSettings) -> LowPrecisionMACECalculator:
     """The MACE calculator a run uses; prints which model it loaded."""
     common = {"device": settings.device, "policy": settings.policy,
-              "backend": settings.backend, "compile_model": settings.compile_model}
+              "backend": settings.backend, "compile_model": settings.compile_model,
+              "max_force_eV_A": settings.max_force_eV_A}
     model_path = settings.model or default_model_path()
     if model_path is not None:
         print(f"model: {model_path}", file=sys.stderr)
