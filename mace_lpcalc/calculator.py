@@ -395,6 +395,12 @@ class LowPrecisionMACECalculator(MACECalculator):
                 super().calculate(atoms, properties, system_changes)
         self._check_results()
 
+    def _atoms_to_batch(self, atoms):
+        # For mace's other entry points (get_descriptors, get_hessian), which build their
+        # batch here, in torch's default dtype, as calculate does.
+        with torch_tools.default_dtype(self.policy.model_dtype):
+            return super()._atoms_to_batch(atoms)
+
     def _calculate_fast_or_step_aside(self, properties) -> None:
         try:
             self._calculate_fast(properties)
