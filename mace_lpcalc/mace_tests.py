@@ -20,8 +20,10 @@ Tests that download foundation models fail without a network, with either calcul
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -81,6 +83,17 @@ def run_variant(checkout: Path, variant: str, extra_args: list[str], report: Pat
     return outcomes
 
 
+def checkout_description(checkout: Path) -> dict:
+    """The mace version of the checkout and, where it is a git work tree, its commit."""
+    version_file = checkout / "mace" / "__version__.py"
+    match = re.search(r"__version__\s*=\s*[\"']([^\"']+)", version_file.read_text()) \
+        if version_file.is_file() else None
+    version = match.group(1) if match else None
+    commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"],
+                            capture_output=True, text=True, check=False).stdout.strip()
+    return {"mace_version": version, "commit": commit or None}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkout", type=Path, help="a mace-torch source checkout")
@@ -104,8 +117,10 @@ def main(argv=None) -> int:
     print(f"\n{len(regressions)} test(s) pass with mace's calculator but not with ours"
           + (f": {', '.join(regressions)}" if regressions else ""))
     if args.json:
-        args.json.write_text(json.dumps({"outcomes": outcomes, "regressions": regressions},
-                                        indent=2))
+        args.json.write_text(json.dumps({
+            "date": datetime.date.today().isoformat(), "checkout": checkout_description(
+                args.checkout), "python": sys.version.split()[0],
+            "outcomes": outcomes, "regressions": regressions}, indent=2))
     return 1 if regressions else 0
 
 
