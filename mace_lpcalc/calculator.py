@@ -11,6 +11,7 @@ Everything else (integrators, optimizers, ``atoms.get_forces()``) is unchanged.
 
 from __future__ import annotations
 
+import copy
 import glob
 import platform
 import warnings
@@ -30,6 +31,7 @@ from mace.tools import torch_tools
 from .engine import DEFAULT_SKIN_A, MACEEngine
 
 from .models import ModelLoadError, load_model, model_elements, model_hash
+from .sentinel import Sentinel, deviations
 from .policies import (apply_policy, check_device_supports, check_single_backend,
                        copy_without_policy, get_policy, model_backend,
                        policy_context)
@@ -212,6 +214,14 @@ class LowPrecisionMACECalculator(MACECalculator):
         max_force_eV_A: a force on any atom above this (eV/Å) raises ``CalculationFailed``
             (atoms too close, or the model out of its domain); ``None`` or ``inf`` turns
             the check off. The protocols pass their ``max_force_eV_A`` setting here.
+        sentinel_every: every this many evaluations (0: never), also evaluate the frame
+            with the same model at fp64 on mace's path and record the deviations
+            (:mod:`mace_lpcalc.sentinel`) in ``calc.sentinel.records``.
+        sentinel_force_budget_eV_A: the largest acceptable max |ΔF| against fp64 (None:
+            record only); ``sentinel_action`` says what an excess does: ``"warn"``,
+            ``"fallback"`` (switch to ``sentinel_fallback_policy`` for the rest of the run,
+            recorded in ``parameters["sentinel_fallback"]``) or ``"stop"``
+            (``CalculationFailed``).
         **kwargs: passed to mace's ``MACECalculator`` (``head``, ``model_type``,
             ``compute_atomic_stresses``, ``energy_units_to_eV``, ``charges_key``, ...).
     """
@@ -222,7 +232,10 @@ class LowPrecisionMACECalculator(MACECalculator):
                  use_cuda_graph="auto", compile_model: bool = False,
                  compile_in_background: bool = True, default_dtype: str = "",
                  enable_cueq: bool = False, compile_mode=None, pad_num_edges: int = 0,
-                 max_force_eV_A: float | None = EXPLODING_FORCE_EV_A, **kwargs):
+                 max_force_eV_A: float | None = EXPLODING_FORCE_EV_A,
+                 sentinel_every: int = 0, sentinel_force_budget_eV_A: float | None = None,
+                 sentinel_action: str = "warn", sentinel_fallback_policy: str = "fp32",
+                 **kwargs):
         try:
             self.policy = get_policy(_policy_for(policy, default_dtype))
         except ValueError as err:
@@ -232,6 +245,14 @@ class LowPrecisionMACECalculator(MACECalculator):
         self.max_force_eV_A = float("inf") if max_force_eV_A is None else float(max_force_eV_A)
         if not self.max_force_eV_A > 0:
             raise CalculatorSetupError(f"max_force_eV_A must be positive, got {max_force_eV_A}")
+        try:
+            self.sentinel = Sentinel(sentinel_every, sentinel_force_budget_eV_A,
+                                     sentinel_action) if sentinel_every else None
+            self._fallback_policy = get_policy(sentinel_fallback_policy)
+        except ValueError as err:
+            raise CalculatorSetupError(str(err)) from None
+        self._fallback: LowPrecisionMACECalculator | None = None
+        self._reference: LowPrecisionMACECalculator | None = None
         if enable_cueq:
             if backend not in ("auto", "cuequivariance"):
                 raise CalculatorSetupError(f"enable_cueq=True contradicts backend={backend!r}")
@@ -256,6 +277,10 @@ class LowPrecisionMACECalculator(MACECalculator):
         # Hash the model as given, before any dtype or backend conversion, so every policy
         # reports the same hash for the same model.
         self._hashes = [model_hash(model) for model in models]
+        # The sentinel's fp64 reference and a fallback are built from the models as given.
+        self._model_sources = [copy.deepcopy(model) for model in models] \
+            if self.sentinel is not None else None
+        self._setup = dict(device=device, mace_kwargs=kwargs)
         prepared = []
         for model in models:
             try:
@@ -318,6 +343,11 @@ class LowPrecisionMACECalculator(MACECalculator):
             compile_model=bool(compile_model),
             compile_in_background=bool(compile_model and compile_in_background),
             versions=package_versions(),
+            sentinel=None if self.sentinel is None else {
+                "every": self.sentinel.every,
+                "force_budget_eV_A": self.sentinel.force_budget_eV_A,
+                "action": self.sentinel.action,
+                "fallback_policy": self._fallback_policy.name},
         )
 
     @property
@@ -383,9 +413,19 @@ class LowPrecisionMACECalculator(MACECalculator):
                 f"it knows {', '.join(chemical_symbols[z] for z in sorted(self.known_numbers))}")
 
     def calculate(self, atoms=None, properties=None, system_changes=all_changes):
+        properties = properties or ["energy"]
+        if self._fallback is not None:
+            Calculator.calculate(self, atoms)
+            self._fallback.calculate(self.atoms, properties, all_changes)
+            self.results = dict(self._fallback.results)
+        else:
+            self._calculate_with_policy(atoms, properties, system_changes)
+        if self.sentinel is not None:
+            self._watch(properties)
+
+    def _calculate_with_policy(self, atoms, properties, system_changes) -> None:
         Calculator.calculate(self, atoms)
         self.check_atoms(self.atoms)
-        properties = properties or ["energy"]
         # mace builds batches and result tensors in torch's default dtype, which its
         # calculator sets process-wide at construction; ours sets it only while it calculates.
         with policy_context(self.policy), torch_tools.default_dtype(self.policy.model_dtype):
@@ -394,6 +434,49 @@ class LowPrecisionMACECalculator(MACECalculator):
             if not self.engines:
                 super().calculate(atoms, properties, system_changes)
         self._check_results()
+
+    def _watch(self, properties) -> None:
+        """The sentinel's check of this evaluation, if due, and its action."""
+        sentinel = self.sentinel
+        if sentinel.due():
+            reference = self._sibling("fp64", fast_path=False)
+            reference.calculate(self.atoms, properties, all_changes)
+            running = self._fallback.policy if self._fallback is not None else self.policy
+            record = sentinel.record(running.name, deviations(self.results, reference.results,
+                                                              len(self.atoms)),
+                                     fallen_back=self._fallback is not None)
+            if record.action == "stop":
+                raise CalculationFailed(sentinel.describe(record) + "; stopping (sentinel_action="
+                                        "'stop')")
+            if record.action == "warn":
+                warnings.warn(sentinel.describe(record), RuntimeWarning, stacklevel=3)
+            if record.action == "fallback":
+                self._fall_back(record, properties)
+        sentinel.evaluations += 1
+
+    def _fall_back(self, record, properties) -> None:
+        policy = self._fallback_policy.name
+        self._fallback = self._sibling(policy, fast_path="auto")
+        self._fallback.calculate(self.atoms, properties, all_changes)
+        self.results = dict(self._fallback.results)
+        self.parameters["sentinel_fallback"] = {"evaluation": record.evaluation,
+                                                "from": record.policy, "to": policy}
+        warnings.warn(f"{self.sentinel.describe(record)}; switching to policy {policy} for "
+                      "the rest of the run", RuntimeWarning, stacklevel=4)
+
+    def _sibling(self, policy: str, fast_path) -> LowPrecisionMACECalculator:
+        """A calculator of the same model under ``policy`` (the sentinel's reference is
+        built once and kept)."""
+        if policy == "fp64" and self._reference is not None:
+            return self._reference
+        sibling = LowPrecisionMACECalculator(
+            models=[copy.deepcopy(model) for model in self._model_sources],
+            device=self._setup["device"], policy=policy,
+            backend="e3nn" if policy == "fp64" else self.backend, fast_path=fast_path,
+            max_force_eV_A=self.max_force_eV_A, **self._setup["mace_kwargs"])
+        if policy == "fp64":
+            self._reference = sibling
+        return sibling
 
     def _atoms_to_batch(self, atoms):
         # For mace's other entry points (get_descriptors, get_hessian), which build their

@@ -35,7 +35,9 @@ datasets.
 
 Frames are appended one at a time and flushed after each, so a run killed at any point
 keeps every frame logged before its last flush; ``step`` is written last in each append,
-so its length counts the complete frames. The file stays readable while a run writes it:
+so its length counts the complete frames. The group ``sentinel`` holds the live fp64
+sentinel's checks (:mod:`mace_lpcalc.sentinel`): ``step`` and one float64 dataset per
+deviation, each with its ``units``. The file stays readable while a run writes it:
 the writer opens it without HDF5's file lock, so another process can open it with h5py,
 :func:`read_trajectory` or ``mdtraj.load`` at any time (a frame being appended at that
 moment may be missing from what it reads); instead, the writer holds an exclusive lock on
@@ -63,6 +65,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from mace_lpcalc import __version__
+from mace_lpcalc.sentinel import SENTINEL_UNITS
 
 FORMAT_NAME = "mace_lpcalc.trajectory"
 FORMAT_VERSION = 1
@@ -219,6 +222,11 @@ class TrajectoryWriter:
             for name in UNITS:
                 if periodic or name not in _CELL_DATASETS:
                     _create_series(handle, name, len(atoms))
+            sentinel = handle.create_group("sentinel")
+            for name, unit in {"step": "dimensionless", **SENTINEL_UNITS}.items():
+                sentinel.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(256,),
+                                        dtype=np.int64 if name == "step" else np.float64
+                                        ).attrs["units"] = unit
             handle.flush()
         except BaseException:
             handle.close()
@@ -255,6 +263,10 @@ class TrajectoryWriter:
                         raise TrajectoryError(f"{path} is corrupt: dataset {name!r} has "
                                               f"fewer frames than 'step'")
                     handle[name].resize(n_keep, axis=0)
+            if "sentinel" in handle:
+                n_checks = int(np.count_nonzero(handle["sentinel/step"][:] <= keep_through_step))
+                for dataset in handle["sentinel"].values():
+                    dataset.resize(min(n_checks, dataset.shape[0]), axis=0)
             _set_attributes(handle, metadata or {})
             handle.flush()
         except BaseException:
@@ -274,6 +286,21 @@ class TrajectoryWriter:
             dataset[n_frames] = values[name]
         self._file.flush()
         self.last_step = frame.step
+
+    def append_sentinel(self, step: int, record) -> None:
+        """Write one sentinel check (a :class:`~mace_lpcalc.sentinel.SentinelRecord`)
+        made at MD ``step``, and flush."""
+        group = self._file["sentinel"]
+        n_checks = group["step"].shape[0]
+        for name in (*SENTINEL_UNITS, "step"):  # "step" last: its length counts the checks
+            group[name].resize(n_checks + 1, axis=0)
+            group[name][n_checks] = step if name == "step" else getattr(record, name)
+        self._file.flush()
+
+    def set_attributes(self, metadata: dict) -> None:
+        """Update root attributes (dicts and lists as JSON), and flush."""
+        _set_attributes(self._file, metadata)
+        self._file.flush()
 
     def _validated(self, frame: Frame) -> dict:
         if not isinstance(frame, Frame):
@@ -417,6 +444,8 @@ class TrajectoryData:
     arrays: dict
     units: dict
     masses: np.ndarray
+    #: The fp64 sentinel's checks: ``step`` and each deviation (empty if none were made).
+    sentinel: dict = dataclasses.field(default_factory=dict)
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.arrays[name]
@@ -458,7 +487,12 @@ def read_trajectory(path, names=None) -> TrajectoryData:
                 arrays[name] = handle[name][:n_frames]
                 file_units[name] = str(handle[name].attrs["units"])
         attrs = {key: _decoded(value) for key, value in handle.attrs.items()}
+        sentinel = {}
+        if "sentinel" in handle:
+            n_checks = handle["sentinel/step"].shape[0]
+            sentinel = {name: dataset[:n_checks] for name, dataset in handle["sentinel"].items()}
         return TrajectoryData(path=path, attrs=attrs, arrays=arrays, units=file_units,
+                              sentinel=sentinel,
                               masses=handle["masses"][:])
 
 

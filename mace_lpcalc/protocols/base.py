@@ -98,6 +98,15 @@ class MDSettings:
                                             "when the output is not a terminal (s)")
     max_force_eV_A: float = setting(EXPLODING_FORCE_EV_A,
                                     "stop when any atom's force exceeds this (eV/Å)")
+    sentinel_every: int = setting(1000, "every this many steps, also evaluate the frame at "
+                                        "fp64 on mace's path and log the deviations to the "
+                                        "trajectory (0: off)")
+    sentinel_force_budget_eV_A: float = setting(0.5, "largest acceptable max |ΔF| against "
+                                                     "fp64 (eV/Å)")
+    sentinel_action: str = setting("warn", "what a deviation over budget does",
+                                   choices=("warn", "fallback", "stop"))
+    sentinel_fallback_policy: str = setting("fp32", "the policy sentinel_action = fallback "
+                                                    "switches to", choices=tuple(POLICIES))
     out: str = setting("run.h5", "trajectory file (the checkpoint goes beside it)")
     overwrite: bool = setting(False, "replace an existing trajectory")
     resume: bool = setting(False, "continue the run from its checkpoint")
@@ -105,8 +114,9 @@ class MDSettings:
     #: Settings that may change when a run is resumed; every other one must match.
     RESUMABLE_CHANGES: ClassVar[frozenset] = frozenset(
         {"structure", "model", "device", "deterministic", "compile_model", "steps",
-         "checkpoint_every", "checkpoint_every_s", "progress_every_s", "out", "overwrite",
-         "resume"})
+         "checkpoint_every", "checkpoint_every_s", "progress_every_s", "sentinel_every",
+         "sentinel_force_budget_eV_A", "sentinel_action", "sentinel_fallback_policy", "out",
+         "overwrite", "resume"})
 
     def __post_init__(self):
         positive = {"timestep_fs": self.timestep_fs, "log_every": self.log_every,
@@ -117,6 +127,12 @@ class MDSettings:
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+        if self.sentinel_every < 0:
+            raise ValueError(f"sentinel_every must be 0 (off) or positive, got "
+                             f"{self.sentinel_every}")
+        if not self.sentinel_force_budget_eV_A > 0:
+            raise ValueError(f"sentinel_force_budget_eV_A must be positive, got "
+                             f"{self.sentinel_force_budget_eV_A}")
         if self.steps < 0:
             raise ValueError(f"steps must be non-negative, got {self.steps}")
         if self.temperature_K < 0:
@@ -156,7 +172,11 @@ def build_calculator(settings: MDSettings) -> LowPrecisionMACECalculator:
     """The MACE calculator a run uses; prints which model it loaded."""
     common = {"device": settings.device, "policy": settings.policy,
               "backend": settings.backend, "compile_model": settings.compile_model,
-              "max_force_eV_A": settings.max_force_eV_A}
+              "max_force_eV_A": settings.max_force_eV_A,
+              "sentinel_every": settings.sentinel_every,
+              "sentinel_force_budget_eV_A": settings.sentinel_force_budget_eV_A,
+              "sentinel_action": settings.sentinel_action,
+              "sentinel_fallback_policy": settings.sentinel_fallback_policy}
     model_path = settings.model or default_model_path()
     if model_path is not None:
         print(f"model: {model_path}", file=sys.stderr)
@@ -343,7 +363,9 @@ class MDProtocol:
                 "backend": str(provenance.get("backend", "none")),
                 "versions": _versions(calculator), "seed": settings.seed,
             }, overwrite=settings.overwrite)
+        self._sentinel_written = 0
         with writer:
+            self._write_sentinel_checks(calculator, writer, start)
             if checkpoint is None:
                 writer.append(self._frame(atoms, dynamics, 0, float("nan")))
                 self._save_checkpoint(atoms, dynamics, 0, model_hash)
@@ -368,6 +390,7 @@ class MDProtocol:
         with progress:
             for step in range(start + 1, settings.steps + 1):
                 problem = self._problem_after(atoms, dynamics.step)
+                self._write_sentinel_checks(atoms.calc, writer, step)
                 if problem:
                     raise CalculationFailed(f"step {step}: {problem}; {writer.path} is intact "
                                             f"up to step {writer.last_step}")
@@ -386,6 +409,18 @@ class MDProtocol:
                     self._save_checkpoint(atoms, dynamics, step, model_hash)
                     last_checkpoint = time.perf_counter()
         return time.perf_counter() - run_started
+
+    def _write_sentinel_checks(self, calculator, writer, step: int) -> None:
+        """Log the sentinel checks the calculator made since the last call, at ``step``."""
+        sentinel = getattr(calculator, "sentinel", None)
+        if sentinel is None:
+            return
+        for record in sentinel.records[self._sentinel_written:]:
+            writer.append_sentinel(step, record)
+            if record.action == "fallback":
+                writer.set_attributes({"sentinel_fallback": {
+                    "step": step, **calculator.parameters["sentinel_fallback"]}})
+        self._sentinel_written = len(sentinel.records)
 
     def _frame(self, atoms, dynamics, step: int, seconds_per_step: float):
         conserved = dynamics.get_conserved_energy() if hasattr(
