@@ -1,5 +1,6 @@
 """Shared fixtures: tiny models and small structures, all built in code."""
 
+import ase.io
 import mace  # noqa: F401  -- before e3nn
 import numpy as np
 import pytest
@@ -51,3 +52,12 @@ def water_batch():
         return {key: value.float() if torch.is_tensor(value) and value.is_floating_point()
                 else value for key, value in batch.items()}
     return make
+
+
+@pytest.fixture(scope="module")
+def water_files(tmp_path_factory):
+    """A 24-atom water box and a tiny fp64-capable MACE model (H, O) on disk."""
+    folder = tmp_path_factory.mktemp("water")
+    ase.io.write(folder / "water.xyz", water_box(8))
+    torch.save(build_tiny_model(atomic_numbers=(1, 8)), folder / "tiny.model")
+    return folder / "water.xyz", folder / "tiny.model"

@@ -18,23 +18,20 @@ import torch
 from ase import Atoms
 from ase.build import molecule
 
-from mace_lpcalc.models import build_tiny_model
 from mace_lpcalc.protocols import base
 from mace_lpcalc.protocols.base import checkpoint_path
 from mace_lpcalc.protocols.npt import NPT
 from mace_lpcalc.protocols.nvt import NVT
-from mace_lpcalc.systems import water_box
 from mace_lpcalc.trajectory import TrajectoryWriter, read_trajectory
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """A water box, a tiny MACE model (H, O) and a finished 4-step NVT run of them."""
-    folder = tmp_path_factory.mktemp("cli")
-    ase.io.write(folder / "water.xyz", water_box(8))
-    torch.save(build_tiny_model(atomic_numbers=(1, 8)), folder / "tiny.model")
+def files(water_files):
+    """The folder of ``water_files`` (water.xyz, tiny.model) with a finished 4-step NVT run
+    of them (done.h5)."""
+    folder = water_files[0].parent
     run = folder / "done.h5"
     base.main(NVT, [str(folder / "water.xyz"), "--model", str(folder / "tiny.model"),
                     "--steps", "4", "--log-every", "2", "--out", str(run)])

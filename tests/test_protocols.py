@@ -20,13 +20,11 @@ from ase.calculators.emt import EMT
 from scipy import stats
 
 from mace_lpcalc import compiled
-from mace_lpcalc.models import build_tiny_model
 from mace_lpcalc.protocols.base import (Checkpoint, checkpoint_path, read_settings_file,
                                         settings_from_command_line)
 from mace_lpcalc.protocols.npt import NPT, NPTSettings, mtk_barostat_damping_fs
 from mace_lpcalc.protocols.nve import NVE, NVESettings
 from mace_lpcalc.protocols.nvt import NVT, NVTSettings
-from mace_lpcalc.systems import water_box
 from mace_lpcalc.trajectory import read_trajectory
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,15 +35,6 @@ EMT_CU_BULK_MODULUS_GPA = 134.3
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def water_files(tmp_path_factory):
-    """A 24-atom water box and a tiny fp64-capable MACE model (H, O) on disk."""
-    folder = tmp_path_factory.mktemp("water")
-    ase.io.write(folder / "water.xyz", water_box(8))
-    torch.save(build_tiny_model(atomic_numbers=(1, 8)), folder / "tiny.model")
-    return folder / "water.xyz", folder / "tiny.model"
 
 
 class Harmonic(Calculator):
