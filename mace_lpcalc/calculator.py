@@ -31,6 +31,7 @@ from mace.tools import torch_tools
 from .engine import DEFAULT_SKIN_A, MACEEngine
 
 from .models import ModelLoadError, load_model, model_elements, model_hash
+from .auto_policy import DEFAULT_AUTO_FORCE_BUDGET_EV_A, choose_policy
 from .sentinel import Sentinel, deviations
 from .policies import (apply_policy, check_device_supports, check_single_backend,
                        copy_without_policy, get_policy, model_backend,
@@ -183,7 +184,11 @@ class LowPrecisionMACECalculator(MACECalculator):
         models: model object(s), instead of ``model_paths``. They are converted in place.
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         policy: a name from :data:`mace_lpcalc.policies.POLICIES` or a ``PrecisionPolicy``;
-            None: ``default_dtype``'s (``"float64"``: fp64), else fp32.
+            None: ``default_dtype``'s (``"float64"``: fp64), else fp32. ``"auto"``: at the
+            first call, the fastest policy whose forces on that structure (and rattled
+            copies) are within ``auto_force_budget_eV_A`` of fp64
+            (:mod:`mace_lpcalc.auto_policy`); the evidence is in
+            ``parameters["policy_decision"]``.
         backend: ``"e3nn"``, ``"cuequivariance"`` or ``"auto"`` (cuEquivariance on CUDA when
             its kernels are installed; ``enable_cueq=True`` means ``"cuequivariance"``).
         fast_path: evaluate through :class:`mace_lpcalc.engine.MACEEngine` (persistent device
@@ -235,7 +240,14 @@ class LowPrecisionMACECalculator(MACECalculator):
                  max_force_eV_A: float | None = EXPLODING_FORCE_EV_A,
                  sentinel_every: int = 0, sentinel_force_budget_eV_A: float | None = None,
                  sentinel_action: str = "warn", sentinel_fallback_policy: str = "fp32",
-                 **kwargs):
+                 auto_force_budget_eV_A: float = DEFAULT_AUTO_FORCE_BUDGET_EV_A, **kwargs):
+        # "auto" builds as fp32 and decides at the first call, which brings the structure.
+        self._auto_budget = float(auto_force_budget_eV_A) if policy == "auto" else None
+        if self._auto_budget is not None:
+            if not self._auto_budget > 0:
+                raise CalculatorSetupError(f"auto_force_budget_eV_A must be positive, got "
+                                           f"{auto_force_budget_eV_A}")
+            policy = "fp32"
         try:
             self.policy = get_policy(_policy_for(policy, default_dtype))
         except ValueError as err:
@@ -251,7 +263,10 @@ class LowPrecisionMACECalculator(MACECalculator):
             self._fallback_policy = get_policy(sentinel_fallback_policy)
         except ValueError as err:
             raise CalculatorSetupError(str(err)) from None
-        self._fallback: LowPrecisionMACECalculator | None = None
+        # A calculator of another policy that serves every call: the sentinel's fallback,
+        # or the policy "auto" chose.
+        self._delegate: LowPrecisionMACECalculator | None = None
+        self._fallen_back = False
         self._reference: LowPrecisionMACECalculator | None = None
         if enable_cueq:
             if backend not in ("auto", "cuequivariance"):
@@ -279,7 +294,7 @@ class LowPrecisionMACECalculator(MACECalculator):
         self._hashes = [model_hash(model) for model in models]
         # The sentinel's fp64 reference and a fallback are built from the models as given.
         self._model_sources = [copy.deepcopy(model) for model in models] \
-            if self.sentinel is not None else None
+            if self.sentinel is not None or self._auto_budget is not None else None
         self._setup = dict(device=device, mace_kwargs=kwargs)
         prepared = []
         for model in models:
@@ -414,10 +429,12 @@ class LowPrecisionMACECalculator(MACECalculator):
 
     def calculate(self, atoms=None, properties=None, system_changes=all_changes):
         properties = properties or ["energy"]
-        if self._fallback is not None:
+        if self._auto_budget is not None:
+            self._choose_policy(atoms)
+        if self._delegate is not None:
             Calculator.calculate(self, atoms)
-            self._fallback.calculate(self.atoms, properties, all_changes)
-            self.results = dict(self._fallback.results)
+            self._delegate.calculate(self.atoms, properties, all_changes)
+            self.results = dict(self._delegate.results)
         else:
             self._calculate_with_policy(atoms, properties, system_changes)
         if self.sentinel is not None:
@@ -435,16 +452,33 @@ class LowPrecisionMACECalculator(MACECalculator):
                 super().calculate(atoms, properties, system_changes)
         self._check_results()
 
+    def _choose_policy(self, atoms) -> None:
+        Calculator.calculate(self, atoms)
+        self.check_atoms(self.atoms)
+        self._auto_budget, budget = None, self._auto_budget
+        built = {}  # fresh calculators, so that the trial calls touch none of this one's state
+
+        def build(name):
+            if name not in built:
+                built[name] = self._sibling(name, fast_path=False if name == "fp64" else "auto")
+            return built[name]
+
+        chosen, evidence = choose_policy(build, self.atoms, device=self._setup["device"],
+                                         force_budget_eV_A=budget)
+        if chosen != self.policy.name:
+            self._delegate = built[chosen]
+        self.parameters.update(policy=chosen, policy_decision=evidence)
+
     def _watch(self, properties) -> None:
         """The sentinel's check of this evaluation, if due, and its action."""
         sentinel = self.sentinel
         if sentinel.due():
             reference = self._sibling("fp64", fast_path=False)
             reference.calculate(self.atoms, properties, all_changes)
-            running = self._fallback.policy if self._fallback is not None else self.policy
+            running = self._delegate.policy if self._delegate is not None else self.policy
             record = sentinel.record(running.name, deviations(self.results, reference.results,
                                                               len(self.atoms)),
-                                     fallen_back=self._fallback is not None)
+                                     fallen_back=self._fallen_back)
             if record.action == "stop":
                 raise CalculationFailed(sentinel.describe(record) + "; stopping (sentinel_action="
                                         "'stop')")
@@ -456,9 +490,9 @@ class LowPrecisionMACECalculator(MACECalculator):
 
     def _fall_back(self, record, properties) -> None:
         policy = self._fallback_policy.name
-        self._fallback = self._sibling(policy, fast_path="auto")
-        self._fallback.calculate(self.atoms, properties, all_changes)
-        self.results = dict(self._fallback.results)
+        self._delegate, self._fallen_back = self._sibling(policy, fast_path="auto"), True
+        self._delegate.calculate(self.atoms, properties, all_changes)
+        self.results = dict(self._delegate.results)
         self.parameters["sentinel_fallback"] = {"evaluation": record.evaluation,
                                                 "from": record.policy, "to": policy}
         warnings.warn(f"{self.sentinel.describe(record)}; switching to policy {policy} for "

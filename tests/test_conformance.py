@@ -22,6 +22,7 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import CalculatorSetupError
 from mace.calculators import MACECalculator
+from mace.tools import torch_tools
 
 from mace_lpcalc import LowPrecisionMACECalculator
 from mace_lpcalc.model_zoo import ARCHITECTURES, build_architecture, model_type_of
@@ -129,7 +130,11 @@ def _reference(name: str) -> dict:
     if name not in _references:
         calc = MACECalculator(models=_model(name), device=DEVICE, default_dtype="float64",
                               **_calculator_kwargs(name))
-        _references[name] = {label: _evaluate(calc, atoms) for label, atoms in STRUCTURES.items()}
+        # mace computes some constants (ZBL's) in torch's default dtype at call time; the
+        # reference is mace with float64 throughout, as its constructor leaves the default.
+        with torch_tools.default_dtype(torch.float64):
+            _references[name] = {label: _evaluate(calc, atoms)
+                                 for label, atoms in STRUCTURES.items()}
     return _references[name]
 
 

@@ -46,6 +46,7 @@ from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_mom
 
 from mace_lpcalc.calculator import (BACKENDS, EXPLODING_FORCE_EV_A, LowPrecisionMACECalculator,
                                     package_versions)
+from mace_lpcalc.auto_policy import DEFAULT_AUTO_FORCE_BUDGET_EV_A
 from mace_lpcalc.models import build_tiny_model, default_model_path
 from mace_lpcalc.policies import POLICIES
 from mace_lpcalc.protocols.progress import RunProgress, ns_per_day
@@ -73,7 +74,12 @@ class MDSettings:
     structure: str = setting("", "structure file, any format ase.io.read knows")
     model: str | None = setting(None, "MACE .model file (default: the shipped water model "
                                       "if present, else a tiny random-weight model)")
-    policy: str = setting("fp32", "precision policy", choices=tuple(POLICIES))
+    policy: str = setting("fp32", "precision policy; auto: the fastest within "
+                                  "auto_force_budget_eV_A of fp64 on this structure",
+                          choices=(*POLICIES, "auto"))
+    auto_force_budget_eV_A: float = setting(DEFAULT_AUTO_FORCE_BUDGET_EV_A,
+                                            "policy auto's largest acceptable max |ΔF| "
+                                            "against fp64 (eV/Å)")
     backend: str = setting("auto", "MACE backend", choices=BACKENDS)
     device: str = setting("cpu", "torch device, e.g. cpu or cuda")
     deterministic: bool = setting(True, "on CPU, run with torch's deterministic algorithms, "
@@ -173,6 +179,7 @@ def build_calculator(settings: MDSettings) -> LowPrecisionMACECalculator:
     common = {"device": settings.device, "policy": settings.policy,
               "backend": settings.backend, "compile_model": settings.compile_model,
               "max_force_eV_A": settings.max_force_eV_A,
+              "auto_force_budget_eV_A": settings.auto_force_budget_eV_A,
               "sentinel_every": settings.sentinel_every,
               "sentinel_force_budget_eV_A": settings.sentinel_force_budget_eV_A,
               "sentinel_action": settings.sentinel_action,
@@ -362,6 +369,8 @@ class MDProtocol:
                 "model_hash": model_hash, "policy": str(provenance.get("policy", "none")),
                 "backend": str(provenance.get("backend", "none")),
                 "versions": _versions(calculator), "seed": settings.seed,
+                **({"policy_decision": provenance["policy_decision"]}
+                   if "policy_decision" in provenance else {}),
             }, overwrite=settings.overwrite)
         self._sentinel_written = 0
         with writer:
