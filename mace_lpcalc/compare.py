@@ -237,6 +237,7 @@ def _markdown(runs, groups, summary: Summary, deviations, notes, args) -> str:
             cells = [f"{s.summary()[label][0]:.3g} / {s.summary()[label][1]:.3g} "
                      f"(n={s.n_structures})" for s in deviations.values()]
             lines.append(_row([label, unit, *cells]))
+    lines += _sentinel_lines(runs)
     lines += ["", "## Notes", "",
               f"- Means are over the frames after the first {args.discard_fraction:.0%} of each "
               "run. Errors are standard errors over seeds where a group has two or more runs; "
@@ -253,6 +254,25 @@ def _markdown(runs, groups, summary: Summary, deviations, notes, args) -> str:
                      "time): the error is a lower bound.")
     lines += [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
+
+
+def _sentinel_lines(runs) -> list[str]:
+    """The live fp64 sentinel's checks of each run that has them: the largest deviations."""
+    checked = [run for run in runs if len(run.sentinel.get("step", ()))]
+    if not checked:
+        return []
+    lines = ["", "## Live fp64 sentinel (largest deviation over the run's checks)", "",
+             _row(["Run", "Policy", "Checks", "max ‖ΔF‖ (eV/Å)", "force RMS (eV/Å)",
+                   "ΔE per atom (eV)", "Fallback"]), _row(["---"] * 7)]
+    for run in checked:
+        fallback = run.sentinel_fallback
+        lines.append(_row([run.path.name, run.policy, str(len(run.sentinel["step"])),
+                           f"{np.max(run.sentinel['force_max']):.3g}",
+                           f"{np.max(run.sentinel['force_rms']):.3g}",
+                           f"{np.max(run.sentinel['energy_per_atom']):.3g}",
+                           f"step {fallback['step']}: {fallback['from']} → {fallback['to']}"
+                           if fallback else "—"]))
+    return lines
 
 
 def _difference_cell(difference, reference_mean: float) -> str:

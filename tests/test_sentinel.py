@@ -11,7 +11,7 @@ from ase.calculators.calculator import CalculationFailed
 from ase.md.verlet import VelocityVerlet
 from ase import units
 
-from mace_lpcalc import LowPrecisionMACECalculator
+from mace_lpcalc import LowPrecisionMACECalculator, compare
 from mace_lpcalc.models import build_tiny_model
 from mace_lpcalc.protocols.nvt import NVT, NVTSettings
 from mace_lpcalc.sentinel import SENTINEL_UNITS, deviations
@@ -87,7 +87,7 @@ def test_the_protocol_logs_every_check_and_the_switch(tmp_path, action):
     ase.io.write(tmp_path / "water.xyz", water_box(8))
     torch.save(build_tiny_model(atomic_numbers=(1, 8)), tmp_path / "tiny.model")
     settings = NVTSettings(structure=str(tmp_path / "water.xyz"), model=str(tmp_path / "tiny.model"),
-                           policy="bf16", steps=6, log_every=2, sentinel_every=2,
+                           policy="bf16", steps=24, log_every=1, sentinel_every=8,
                            sentinel_force_budget_eV_A=BUDGET_EV_A, sentinel_action=action,
                            out=str(tmp_path / "run.h5"))
     if action == "stop":
@@ -99,10 +99,16 @@ def test_the_protocol_logs_every_check_and_the_switch(tmp_path, action):
         warnings.simplefilter("ignore", RuntimeWarning)
         NVT(settings).run()
     data = read_trajectory(settings.out)
-    assert data.sentinel["step"].tolist() == [0, 2, 4, 6]
+    assert data.sentinel["step"].tolist() == [0, 8, 16, 24]
     assert data.sentinel["force_max"][0] > BUDGET_EV_A > data.sentinel["force_max"][1:].max()
     assert data.attrs["sentinel_fallback"] == {"step": 0, "evaluation": 0, "from": "bf16",
                                                "to": "fp32"}
     with h5py.File(settings.out, "r") as handle:
         for name, unit in SENTINEL_UNITS.items():
             assert handle["sentinel"][name].attrs["units"] == unit
+    compare.main([settings.out, "--out-dir", str(tmp_path / "comparison")])
+    report = (tmp_path / "comparison" / "summary.md").read_text()
+    sentinel_table = report.split("## Live fp64 sentinel")[1].split("## Notes")[0]
+    row = next(line for line in sentinel_table.splitlines() if line.startswith("| run.h5 |"))
+    assert row.split(" | ")[2] == "4" and row.endswith("step 0: bf16 → fp32 |")
+    assert float(row.split(" | ")[3]) == pytest.approx(data.sentinel["force_max"].max(), rel=1e-2)

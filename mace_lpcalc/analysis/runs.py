@@ -68,6 +68,10 @@ class Run:
     model_hash: str = ""
     settings: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
+    #: The live fp64 sentinel's checks (``step`` and deviations), empty if it made none.
+    sentinel: dict = field(default_factory=dict)
+    #: Where the sentinel switched the run to a safer policy (step, from, to), if it did.
+    sentinel_fallback: dict | None = None
 
     @property
     def n_frames(self) -> int:
@@ -150,6 +154,8 @@ def load_run(path) -> Run:
         backend=str(attrs.get("backend", "")),
         model_hash=str(attrs.get("model_hash", "")),
         settings=attrs.get("settings") if isinstance(attrs.get("settings"), dict) else {},
+        sentinel=data.sentinel,
+        sentinel_fallback=attrs.get("sentinel_fallback"),
         versions=attrs.get("versions") if isinstance(attrs.get("versions"), dict) else {},
     )
 
