@@ -83,7 +83,7 @@ def test_fallback_switches_to_the_safer_policy_and_records_it(water8):
 
 
 @pytest.mark.parametrize("action", ["fallback", "stop"])
-def test_the_protocol_logs_every_check_and_the_switch(tmp_path, action):
+def test_the_protocol_logs_every_check_and_the_switch(tmp_path, capsys, action):
     ase.io.write(tmp_path / "water.xyz", water_box(8))
     torch.save(build_tiny_model(atomic_numbers=(1, 8)), tmp_path / "tiny.model")
     settings = NVTSettings(structure=str(tmp_path / "water.xyz"), model=str(tmp_path / "tiny.model"),
@@ -99,6 +99,9 @@ def test_the_protocol_logs_every_check_and_the_switch(tmp_path, action):
         warnings.simplefilter("ignore", RuntimeWarning)
         NVT(settings).run()
     data = read_trajectory(settings.out)
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("nvt run.h5: step 24/24") and (
+        f"fp64 sentinel max |ΔF| {data.sentinel['force_max'][-1]:.3g} eV/Å" in last_line)
     assert data.sentinel["step"].tolist() == [0, 8, 16, 24]
     assert data.sentinel["force_max"][0] > BUDGET_EV_A > data.sentinel["force_max"][1:].max()
     assert data.attrs["sentinel_fallback"] == {"step": 0, "evaluation": 0, "from": "bf16",

@@ -409,8 +409,11 @@ class MDProtocol:
                     seconds_per_step = (now - interval_started) / (step - last_logged)
                     frame = self._frame(atoms, dynamics, step, seconds_per_step)
                     writer.append(frame)
+                    sentinel = getattr(atoms.calc, "sentinel", None)
                     progress.update(step, seconds_per_step, atoms, frame.conserved_energy_eV
-                                    if self.conserves_energy else None)
+                                    if self.conserves_energy else None,
+                                    sentinel.records[-1].force_max
+                                    if sentinel is not None and sentinel.records else None)
                     interval_started, last_logged = now, step
                 checkpoint_due = time.perf_counter() - last_checkpoint >= settings.checkpoint_every_s
                 if (step % settings.checkpoint_every == 0 or step == settings.steps

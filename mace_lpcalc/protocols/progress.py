@@ -39,7 +39,7 @@ class RunProgress:
         self._step, self._last_line_at, self._first_conserved_eV = start, None, None
 
     def update(self, step: int, seconds_per_step: float, atoms: Atoms,
-               conserved_energy_eV: float | None) -> None:
+               conserved_energy_eV: float | None, sentinel_force_max: float | None = None) -> None:
         """Report that the run reached ``step`` at ``seconds_per_step`` wall seconds each;
         ``conserved_energy_eV`` is None where the dynamics conserves no energy (Langevin)."""
         if self._first_conserved_eV is None:
@@ -47,18 +47,20 @@ class RunProgress:
         speed = ns_per_day(self.timestep_fs, seconds_per_step)
         if self._bar is not None:
             self._bar.update(step - self._step)
-            self._bar.set_postfix_str(f"{speed:.3g} ns/day")
+            self._bar.set_postfix_str(f"{speed:.3g} ns/day" + (
+                "" if sentinel_force_max is None else f", fp64 ΔF {sentinel_force_max:.2g}"))
         else:
             now = time.monotonic()
             due = self._last_line_at is None or now - self._last_line_at >= self.every_s
             if due or step == self.total:
-                print(self.line(step, seconds_per_step, atoms, conserved_energy_eV),
+                print(self.line(step, seconds_per_step, atoms, conserved_energy_eV,
+                                sentinel_force_max),
                       file=self.stream, flush=True)
                 self._last_line_at = now
         self._step = step
 
     def line(self, step: int, seconds_per_step: float, atoms: Atoms,
-             conserved_energy_eV: float | None) -> str:
+             conserved_energy_eV: float | None, sentinel_force_max: float | None = None) -> str:
         parts = [f"{self.label}: step {step}/{self.total} "
                  f"({step * self.timestep_fs / _FS_PER_PS:.4g} ps)"]
         if np.isfinite(seconds_per_step):
@@ -72,6 +74,8 @@ class RunProgress:
         if conserved_energy_eV is not None:
             drift_meV = (conserved_energy_eV - self._first_conserved_eV) / len(atoms) * 1e3
             parts.append(f"conserved energy change {drift_meV:+.3g} meV/atom")
+        if sentinel_force_max is not None:
+            parts.append(f"fp64 sentinel max |ΔF| {sentinel_force_max:.3g} eV/Å")
         return ", ".join(parts)
 
     def close(self) -> None:
