@@ -14,9 +14,10 @@ import time
 from typing import Callable
 
 import numpy as np
-import torch
 from ase import Atoms
 from ase.calculators.calculator import CalculatorSetupError, all_changes
+
+from mace_lpcalc.timing import median_ms
 
 #: Tried fastest-first on a GPU; "fp32" is the safe end.
 AUTO_CANDIDATES = ("bf16", "fp32-linear-fp16", "fp32-linear-bf16", "tf32", "fp32")
@@ -42,19 +43,6 @@ def _forces(calc, atoms: Atoms) -> np.ndarray:
     return np.asarray(calc.results["forces"], dtype=np.float64)
 
 
-def _median_call_ms(calc, atoms: Atoms, device: str, repeats: int) -> float:
-    seconds = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        calc.calculate(atoms, ["energy", "forces"], all_changes)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - started)
-    return float(np.median(seconds) * 1e3)
-
-
 def choose_policy(build: Callable[[str], object], atoms: Atoms, *, device: str,
                   force_budget_eV_A: float, candidates=AUTO_CANDIDATES,
                   repeats: int = 3) -> tuple[str, dict]:
@@ -73,9 +61,11 @@ def choose_policy(build: Callable[[str], object], atoms: Atoms, *, device: str,
             calc = build(name)
             deviation = max(float(np.linalg.norm(_forces(calc, frame) - forces, axis=1).max())
                             for frame, forces in zip(frames, expected))
-            _forces(calc, frames[0])  # warm-up at the timed size
+            ms_per_call = median_ms(lambda: calc.calculate(frames[0], ["energy", "forces"],
+                                                           all_changes),
+                                    device, warmup=1, repeats=repeats)
             rows.append({"policy": name, "force_max_deviation_eV_A": deviation,
-                         "ms_per_call": _median_call_ms(calc, frames[0], device, repeats),
+                         "ms_per_call": ms_per_call,
                          "within_budget": deviation <= force_budget_eV_A})
         except (CalculatorSetupError, RuntimeError) as err:
             rows.append({"policy": name, "error": f"{type(err).__name__}: {err}"})

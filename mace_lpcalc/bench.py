@@ -31,6 +31,7 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from mace.calculators import MACECalculator
 
 from .calculator import LowPrecisionMACECalculator, package_versions
+from .timing import median_ms, synchronize
 from .model_zoo import build_architecture
 from .models import build_off24m_shaped_model, build_tiny_model, load_model
 from .policies import POLICIES
@@ -40,25 +41,6 @@ from .systems import water_box
 COMPILE_WAIT_LIMIT_S = 900
 BASELINES = {"mace-e3nn-fp64": dict(default_dtype="float64"),
              "mace-cueq-fp32": dict(default_dtype="float32", enable_cueq=True)}
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def median_ms(call, device: str, warmup: int, repeats: int) -> float:
-    """Median wall time of ``call()`` in ms, synchronising the device around each call."""
-    for _ in range(warmup):
-        call()
-    samples = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        call()
-        synchronize(device)
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
 
 
 def make_model(spec: str, dtype=torch.float64) -> torch.nn.Module:

@@ -52,7 +52,8 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
-from .bench import energy_forces_call, make_model, median_ms, synchronize, write_json
+from .bench import energy_forces_call, make_model, write_json
+from .timing import median_ms, synchronize
 from .calculator import LowPrecisionMACECalculator, package_versions
 from .policies import (
     POLICIES,

@@ -15,7 +15,6 @@ import argparse
 import datetime
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,16 +25,7 @@ from ase.md.langevin import Langevin
 from mace_lpcalc.calculator import LowPrecisionMACECalculator, package_versions
 from mace_lpcalc.models import default_model_path
 from mace_lpcalc.systems import water_box
-
-
-def _synchronized_seconds(device: str, call) -> float:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    call()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - started
+from mace_lpcalc.timing import median_ms
 
 
 def measure(n_molecules: int, *, device: str, policy: str, every: int, steps: int,
@@ -48,11 +38,10 @@ def measure(n_molecules: int, *, device: str, policy: str, every: int, steps: in
                         rng=np.random.default_rng(0))
     dynamics.run(1)  # the first evaluation carries the first (and warm-up) sentinel check
     calc.sentinel.evaluations = 1  # no further check during the timed steps
-    step_s = [_synchronized_seconds(device, lambda: dynamics.run(1)) for _ in range(steps)]
-    reference = calc._sibling("fp64", fast_path=False)
-    check_s = [_synchronized_seconds(device, lambda: reference.calculate(
-        atoms, ["energy", "forces"], ["positions"])) for _ in range(checks)]
-    step_ms, check_ms = float(np.median(step_s[5:]) * 1e3), float(np.median(check_s) * 1e3)
+    step_ms = median_ms(lambda: dynamics.run(1), device, warmup=5, repeats=steps - 5)
+    reference = calc._sibling("fp64")
+    check_ms = median_ms(lambda: reference.calculate(atoms, ["energy", "forces"], ["positions"]),
+                         device, warmup=0, repeats=checks)
     return {"n_atoms": len(atoms), "policy": policy, "backend": calc.backend,
             "median_step_ms": step_ms, "median_check_ms": check_ms,
             "every": every, "overhead_fraction": check_ms / (every * step_ms)}

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from ase.calculators.calculator import all_changes
 
-from mace_lpcalc.bench import make_model, synchronize
+from mace_lpcalc.bench import make_model
+from mace_lpcalc.timing import synchronize
 from mace_lpcalc.calculator import LowPrecisionMACECalculator
 from mace_lpcalc.policies import POLICIES
 from mace_lpcalc.systems import water_box
