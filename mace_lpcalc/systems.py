@@ -78,7 +78,7 @@ def _min_image_distance(a: np.ndarray, b: np.ndarray, box: float) -> float:
 
 
 def water_density_g_cm3(atoms: Atoms) -> float:
-    """Mass density of a periodic structure in g/cm³."""
+    """Mass density of a periodic structure (water or not) in g/cm³."""
     mass_g = atoms.get_masses().sum() * _amu * 1e3
     return mass_g / (atoms.get_volume() * 1e-24)
 

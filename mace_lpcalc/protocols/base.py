@@ -393,7 +393,8 @@ class MDProtocol:
     def _integrate(self, atoms, dynamics, writer, start: int, model_hash: str) -> float:
         settings = self.settings
         progress = RunProgress(f"{self.name} {Path(settings.out).name}", start, settings.steps,
-                               settings.timestep_fs, settings.progress_every_s)
+                               settings.timestep_fs, settings.progress_every_s,
+                               show_conserved_energy=self.conserves_energy)
         run_started = interval_started = last_checkpoint = time.perf_counter()
         last_logged = start
         with progress:
@@ -410,9 +411,7 @@ class MDProtocol:
                     frame = self._frame(atoms, dynamics, step, seconds_per_step)
                     writer.append(frame)
                     sentinel = getattr(atoms.calc, "sentinel", None)
-                    progress.update(step, seconds_per_step, atoms, frame.conserved_energy_eV
-                                    if self.conserves_energy else None,
-                                    sentinel.records[-1].force_max
+                    progress.update(frame, atoms, sentinel.records[-1].force_max
                                     if sentinel is not None and sentinel.records else None)
                     interval_started, last_logged = now, step
                 checkpoint_due = time.perf_counter() - last_checkpoint >= settings.checkpoint_every_s

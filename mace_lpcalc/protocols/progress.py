@@ -13,13 +13,13 @@ import sys
 import time
 
 import numpy as np
-from ase import Atoms, units
+from ase import Atoms
 from tqdm.auto import tqdm
 
-_FS_PER_PS = 1000.0
+from mace_lpcalc.systems import water_density_g_cm3
+from mace_lpcalc.trajectory import Frame
+
 _SECONDS_PER_DAY = 86400.0
-_CM3_PER_ANGSTROM3 = 1e-24
-_GRAMS_PER_AMU = units._amu * 1e3
 
 
 def ns_per_day(timestep_fs: float, seconds_per_step: float) -> float:
@@ -27,52 +27,49 @@ def ns_per_day(timestep_fs: float, seconds_per_step: float) -> float:
 
 
 class RunProgress:
-    """Progress of one run from step ``start`` to ``total``; ``stream`` is stderr unless given."""
+    """Progress of one run from step ``start`` to ``total``; ``stream`` is stderr unless
+    given. ``show_conserved_energy``: the dynamics conserves an energy (not Langevin),
+    whose change since the first reported frame the lines show."""
 
     def __init__(self, label: str, start: int, total: int, timestep_fs: float,
-                 every_s: float, stream=None):
+                 every_s: float, show_conserved_energy: bool, stream=None):
         self.label, self.total, self.timestep_fs, self.every_s = label, total, timestep_fs, every_s
+        self.show_conserved_energy = show_conserved_energy
         self.stream = stream or sys.stderr
         self.on_terminal = bool(getattr(self.stream, "isatty", lambda: False)())
         self._bar = tqdm(total=total, initial=start, unit="step", desc=label,
                          file=self.stream) if self.on_terminal else None
         self._step, self._last_line_at, self._first_conserved_eV = start, None, None
 
-    def update(self, step: int, seconds_per_step: float, atoms: Atoms,
-               conserved_energy_eV: float | None, sentinel_force_max: float | None = None) -> None:
-        """Report that the run reached ``step`` at ``seconds_per_step`` wall seconds each;
-        ``conserved_energy_eV`` is None where the dynamics conserves no energy (Langevin)."""
+    def update(self, frame: Frame, atoms: Atoms, sentinel_force_max: float | None = None) -> None:
+        """Report the frame just logged (``frame.wall_time_per_step_s`` gives the speed);
+        ``atoms`` gives the masses, ``sentinel_force_max`` the fp64 sentinel's latest check."""
         if self._first_conserved_eV is None:
-            self._first_conserved_eV = conserved_energy_eV
-        speed = ns_per_day(self.timestep_fs, seconds_per_step)
+            self._first_conserved_eV = frame.conserved_energy_eV
         if self._bar is not None:
-            self._bar.update(step - self._step)
+            self._bar.update(frame.step - self._step)
+            speed = ns_per_day(self.timestep_fs, frame.wall_time_per_step_s)
             self._bar.set_postfix_str(f"{speed:.3g} ns/day" + (
                 "" if sentinel_force_max is None else f", fp64 ΔF {sentinel_force_max:.2g}"))
         else:
             now = time.monotonic()
             due = self._last_line_at is None or now - self._last_line_at >= self.every_s
-            if due or step == self.total:
-                print(self.line(step, seconds_per_step, atoms, conserved_energy_eV,
-                                sentinel_force_max),
-                      file=self.stream, flush=True)
+            if due or frame.step == self.total:
+                print(self.line(frame, atoms, sentinel_force_max), file=self.stream, flush=True)
                 self._last_line_at = now
-        self._step = step
+        self._step = frame.step
 
-    def line(self, step: int, seconds_per_step: float, atoms: Atoms,
-             conserved_energy_eV: float | None, sentinel_force_max: float | None = None) -> str:
-        parts = [f"{self.label}: step {step}/{self.total} "
-                 f"({step * self.timestep_fs / _FS_PER_PS:.4g} ps)"]
+    def line(self, frame: Frame, atoms: Atoms, sentinel_force_max: float | None = None) -> str:
+        seconds_per_step = frame.wall_time_per_step_s
+        parts = [f"{self.label}: step {frame.step}/{self.total} ({frame.time_ps:.4g} ps)"]
         if np.isfinite(seconds_per_step):
             parts.append(f"{ns_per_day(self.timestep_fs, seconds_per_step):.3g} ns/day")
-            parts.append(f"ETA {_duration((self.total - step) * seconds_per_step)}")
-        parts.append(f"T {atoms.get_temperature():.1f} K")
-        if atoms.pbc.all() and atoms.cell.rank == 3:
-            mass_g = atoms.get_masses().sum() * _GRAMS_PER_AMU
-            parts.append(f"density {mass_g / (atoms.get_volume() * _CM3_PER_ANGSTROM3):.4g} "
-                         "g/cm³")
-        if conserved_energy_eV is not None:
-            drift_meV = (conserved_energy_eV - self._first_conserved_eV) / len(atoms) * 1e3
+            parts.append(f"ETA {_duration((self.total - frame.step) * seconds_per_step)}")
+        parts.append(f"T {frame.temperature_K:.1f} K")
+        if frame.cell_A is not None:
+            parts.append(f"density {water_density_g_cm3(atoms):.4g} g/cm³")
+        if self.show_conserved_energy:
+            drift_meV = (frame.conserved_energy_eV - self._first_conserved_eV) / len(atoms) * 1e3
             parts.append(f"conserved energy change {drift_meV:+.3g} meV/atom")
         if sentinel_force_max is not None:
             parts.append(f"fp64 sentinel max |ΔF| {sentinel_force_max:.3g} eV/Å")
