@@ -460,7 +460,7 @@ class LowPrecisionMACECalculator(MACECalculator):
 
         def build(name):
             if name not in built:
-                built[name] = self._sibling(name, fast_path=False if name == "fp64" else "auto")
+                built[name] = self._sibling(name)
             return built[name]
 
         chosen, evidence = choose_policy(build, self.atoms, device=self._setup["device"],
@@ -473,7 +473,7 @@ class LowPrecisionMACECalculator(MACECalculator):
         """The sentinel's check of this evaluation, if due, and its action."""
         sentinel = self.sentinel
         if sentinel.due():
-            reference = self._sibling("fp64", fast_path=False)
+            reference = self._sibling("fp64")
             reference.calculate(self.atoms, properties, all_changes)
             running = self._delegate.policy if self._delegate is not None else self.policy
             record = sentinel.record(running.name, deviations(self.results, reference.results,
@@ -490,7 +490,7 @@ class LowPrecisionMACECalculator(MACECalculator):
 
     def _fall_back(self, record, properties) -> None:
         policy = self._fallback_policy.name
-        self._delegate, self._fallen_back = self._sibling(policy, fast_path="auto"), True
+        self._delegate, self._fallen_back = self._sibling(policy), True
         self._delegate.calculate(self.atoms, properties, all_changes)
         self.results = dict(self._delegate.results)
         self.parameters["sentinel_fallback"] = {"evaluation": record.evaluation,
@@ -498,15 +498,16 @@ class LowPrecisionMACECalculator(MACECalculator):
         warnings.warn(f"{self.sentinel.describe(record)}; switching to policy {policy} for "
                       "the rest of the run", RuntimeWarning, stacklevel=4)
 
-    def _sibling(self, policy: str, fast_path) -> LowPrecisionMACECalculator:
-        """A calculator of the same model under ``policy`` (the sentinel's reference is
-        built once and kept)."""
+    def _sibling(self, policy: str) -> LowPrecisionMACECalculator:
+        """A calculator of the same model under ``policy``: fp64 is the reference, on
+        mace's path and e3nn, built once and kept; any other runs as this one would."""
         if policy == "fp64" and self._reference is not None:
             return self._reference
         sibling = LowPrecisionMACECalculator(
             models=[copy.deepcopy(model) for model in self._model_sources],
             device=self._setup["device"], policy=policy,
-            backend="e3nn" if policy == "fp64" else self.backend, fast_path=fast_path,
+            backend="e3nn" if policy == "fp64" else self.backend,
+            fast_path=False if policy == "fp64" else "auto",
             max_force_eV_A=self.max_force_eV_A, **self._setup["mace_kwargs"])
         if policy == "fp64":
             self._reference = sibling

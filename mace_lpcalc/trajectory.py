@@ -201,12 +201,7 @@ class TrajectoryWriter:
             raise TrajectoryError("structure is periodic in all directions but its cell "
                                   f"is degenerate: {atoms.cell.tolist()}")
         periodic = is_periodic(atoms)
-        lock = _WriterLock(path)
-        try:
-            handle = h5py.File(path, "w", locking=False)
-        except BaseException:
-            lock.release()
-            raise
+        handle, lock = _open_locked(path, "w")
         try:
             root = handle.attrs
             root.update({"conventions": "Pande", "conventionVersion": "1.1",
@@ -241,15 +236,10 @@ class TrajectoryWriter:
         ``metadata`` updates root attributes."""
         path = Path(path)
         _check_readable(path)
-        lock = _WriterLock(path)
         try:
-            handle = h5py.File(path, "r+", locking=False)
+            handle, lock = _open_locked(path, "r+")
         except OSError as err:
-            lock.release()
             raise TrajectoryError(f"{path} is a corrupt HDF5 file ({err})") from err
-        except BaseException:
-            lock.release()
-            raise
         try:
             _check_format(path, handle)
             if int(handle.attrs["n_atoms"]) != n_atoms:
@@ -389,6 +379,16 @@ class _WriterLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _open_locked(path: Path, mode: str) -> tuple[h5py.File, _WriterLock]:
+    """Open ``path`` for writing under its :class:`_WriterLock`, without HDF5's own lock."""
+    lock = _WriterLock(path)
+    try:
+        return h5py.File(path, mode, locking=False), lock
+    except BaseException:
+        lock.release()
+        raise
 
 
 def _set_attributes(handle: h5py.File, metadata: dict) -> None:
