@@ -50,6 +50,7 @@ from mace_lpcalc.auto_policy import DEFAULT_AUTO_FORCE_BUDGET_EV_A
 from mace_lpcalc.models import build_tiny_model, default_model_path
 from mace_lpcalc.policies import POLICIES
 from mace_lpcalc.protocols.progress import RunProgress, ns_per_day
+from mace_lpcalc.sentinel import SENTINEL_ACTIONS
 from mace_lpcalc.trajectory import (TrajectoryData, TrajectoryError, TrajectoryWriter,
                                     frame_from_atoms, is_periodic, read_trajectory)
 
@@ -110,7 +111,7 @@ class MDSettings:
     sentinel_force_budget_eV_A: float = setting(0.5, "largest acceptable max |ΔF| against "
                                                      "fp64 (eV/Å)")
     sentinel_action: str = setting("warn", "what a deviation over budget does",
-                                   choices=("warn", "fallback", "stop"))
+                                   choices=SENTINEL_ACTIONS)
     sentinel_fallback_policy: str = setting("fp32", "the policy sentinel_action = fallback "
                                                     "switches to", choices=tuple(POLICIES))
     out: str = setting("run.h5", "trajectory file (the checkpoint goes beside it)")
