@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mace_lpcalc import compare
+from mace_lpcalc.analysis import compare
 from mace_lpcalc.models import default_model_path
-from mace_lpcalc.policies import POLICIES
-from mace_lpcalc.protocols.nvt import NVT, NVTSettings
+from mace_lpcalc.precision.policies import POLICIES
+from mace_lpcalc.md.nvt import NVT, NVTSettings
 
 SYSTEMS = Path(__file__).resolve().parent.parent / "systems"
 

@@ -28,12 +28,12 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from mace.calculators.mace import MACECalculator
 from mace.tools import torch_tools
 
-from .engine import DEFAULT_SKIN_A, MACEEngine
+from mace_lpcalc.fastpath.engine import DEFAULT_SKIN_A, MACEEngine
 
-from .models import ModelLoadError, load_model, model_elements, model_hash
-from .auto_policy import DEFAULT_AUTO_FORCE_BUDGET_EV_A, choose_policy
-from .sentinel import Sentinel, deviations
-from .policies import (apply_policy, check_device_supports, check_single_backend,
+from mace_lpcalc.models import ModelLoadError, load_model, model_elements, model_hash
+from mace_lpcalc.precision.auto import DEFAULT_AUTO_FORCE_BUDGET_EV_A, choose_policy
+from mace_lpcalc.precision.sentinel import Sentinel, deviations
+from mace_lpcalc.precision.policies import (apply_policy, check_device_supports, check_single_backend,
                        copy_without_policy, get_policy, model_backend,
                        policy_context)
 
@@ -183,15 +183,15 @@ class LowPrecisionMACECalculator(MACECalculator):
             several). Loading unpickles the file, which runs code: load only trusted files.
         models: model object(s), instead of ``model_paths``. They are converted in place.
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-        policy: a name from :data:`mace_lpcalc.policies.POLICIES` or a ``PrecisionPolicy``;
+        policy: a name from :data:`mace_lpcalc.precision.policies.POLICIES` or a ``PrecisionPolicy``;
             None: ``default_dtype``'s (``"float64"``: fp64), else fp32. ``"auto"``: at the
             first call, the fastest policy whose forces on that structure (and rattled
             copies) are within ``auto_force_budget_eV_A`` of fp64
-            (:mod:`mace_lpcalc.auto_policy`); the evidence is in
+            (:mod:`mace_lpcalc.precision.auto`); the evidence is in
             ``parameters["policy_decision"]``.
         backend: ``"e3nn"``, ``"cuequivariance"`` or ``"auto"`` (cuEquivariance on CUDA when
             its kernels are installed; ``enable_cueq=True`` means ``"cuequivariance"``).
-        fast_path: evaluate through :class:`mace_lpcalc.engine.MACEEngine` (persistent device
+        fast_path: evaluate through :class:`mace_lpcalc.fastpath.engine.MACEEngine` (persistent device
             state, GPU neighbour list, CUDA graphs), one engine per committee member.
             ``"auto"``: on CUDA, or with ``compile_model``. ``False`` uses mace's own
             per-call graph construction. A model or output the fast path does not
@@ -206,7 +206,7 @@ class LowPrecisionMACECalculator(MACECalculator):
             list is rebuilt.
         use_cuda_graph: ``"auto"`` (on CUDA), True or False; fast path only.
         compile_model: fuse each energy+forces(+stress) call with TorchInductor (fast path
-            only; see :mod:`mace_lpcalc.compiled`). Each new system size compiles (tens of
+            only; see :mod:`mace_lpcalc.fastpath.compiled`). Each new system size compiles (tens of
             seconds on a cold cache, a few on a warm one); results are checked against the
             eager model, which takes over with a warning if compilation or the check fails.
             mace's ``compile_mode`` (any value) means ``compile_model=True``.
@@ -221,7 +221,7 @@ class LowPrecisionMACECalculator(MACECalculator):
             the check off. The protocols pass their ``max_force_eV_A`` setting here.
         sentinel_every: every this many evaluations (0: never), also evaluate the frame
             with the same model at fp64 on mace's path and record the deviations
-            (:mod:`mace_lpcalc.sentinel`) in ``calc.sentinel.records``.
+            (:mod:`mace_lpcalc.precision.sentinel`) in ``calc.sentinel.records``.
         sentinel_force_budget_eV_A: the largest acceptable max |ΔF| against fp64 (None:
             record only); ``sentinel_action`` says what an excess does: ``"warn"``,
             ``"fallback"`` (switch to ``sentinel_fallback_policy`` for the rest of the run,
@@ -373,7 +373,7 @@ class LowPrecisionMACECalculator(MACECalculator):
     def _build_engine(self, model, device, skin_A, use_cuda_graph, compile_model,
                       compile_in_background, min_edge_capacity) -> MACEEngine:
         # A compiled 16-bit call is checked for accuracy against the model without its
-        # 16-bit operands (see mace_lpcalc.compiled).
+        # 16-bit operands (see mace_lpcalc.fastpath.compiled).
         reference_model = (copy_without_policy(model)
                            if compile_model and self.policy.reduced_dtypes else None)
         return MACEEngine(

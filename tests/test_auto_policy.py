@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from mace_lpcalc import LowPrecisionMACECalculator
-from mace_lpcalc.auto_policy import RATTLE_A, trial_frames
+from mace_lpcalc.precision.auto import RATTLE_A, trial_frames
 from mace_lpcalc.models import build_tiny_model
-from mace_lpcalc.protocols.nvt import NVT, NVTSettings
-from mace_lpcalc.trajectory import read_trajectory
+from mace_lpcalc.md.nvt import NVT, NVTSettings
+from mace_lpcalc.md.trajectory import read_trajectory
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

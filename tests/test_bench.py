@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from mace_lpcalc import bench, compiled, setup_time
+from mace_lpcalc.fastpath import compiled
+from mace_lpcalc.perf import bench, setup_time
 
 
 def test_benchmark_json(tmp_path):

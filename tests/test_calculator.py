@@ -11,9 +11,9 @@ from mace.calculators import MACECalculator
 from scipy.spatial.transform import Rotation
 
 from mace_lpcalc import LowPrecisionMACECalculator
-from mace_lpcalc.protocols.base import build_calculator
-from mace_lpcalc.protocols.nvt import NVTSettings
-from mace_lpcalc.policies import POLICIES
+from mace_lpcalc.md.base import build_calculator
+from mace_lpcalc.md.nvt import NVTSettings
+from mace_lpcalc.precision.policies import POLICIES
 
 
 def evaluate(calc, atoms):

@@ -18,11 +18,11 @@ import torch
 from ase import Atoms
 from ase.build import molecule
 
-from mace_lpcalc.protocols import base
-from mace_lpcalc.protocols.base import checkpoint_path
-from mace_lpcalc.protocols.npt import NPT
-from mace_lpcalc.protocols.nvt import NVT
-from mace_lpcalc.trajectory import TrajectoryWriter, read_trajectory
+from mace_lpcalc.md import base
+from mace_lpcalc.md.base import checkpoint_path
+from mace_lpcalc.md.npt import NPT
+from mace_lpcalc.md.nvt import NVT
+from mace_lpcalc.md.trajectory import TrajectoryWriter, read_trajectory
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -15,10 +15,10 @@ from mace_lpcalc.analysis import (block_average, diffusion_coefficient, energy_d
                                   evaluate_static_deviations, load_run,
                                   mean_squared_displacement)
 from mace_lpcalc.calculator import LowPrecisionMACECalculator
-from mace_lpcalc.compare import format_estimate, main
+from mace_lpcalc.analysis.compare import format_estimate, main
 from mace_lpcalc.models import build_tiny_model
 from mace_lpcalc.systems import water_box
-from mace_lpcalc.trajectory import Frame, TrajectoryError, TrajectoryWriter
+from mace_lpcalc.md.trajectory import Frame, TrajectoryError, TrajectoryWriter
 
 N_FRAMES, DT_PS, STEPS_PER_FRAME = 120, 0.01, 10
 START = int(0.2 * N_FRAMES)  # the CLI's default 20% equilibration

@@ -13,11 +13,11 @@ from ase.calculators.calculator import CalculatorSetupError
 
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from mace_lpcalc import compiled
+from mace_lpcalc.fastpath import compiled
 from mace_lpcalc.calculator import LowPrecisionMACECalculator
-from mace_lpcalc.engine import MACEEngine
+from mace_lpcalc.fastpath.engine import MACEEngine
 from mace_lpcalc.models import build_tiny_model
-from mace_lpcalc.policies import apply_policy, copy_without_policy
+from mace_lpcalc.precision.policies import apply_policy, copy_without_policy
 from mace_lpcalc.systems import water_box
 
 ELEMENTS = (1, 8)
@@ -175,8 +175,8 @@ def test_a_script_ending_during_a_background_compilation_exits_cleanly():
     at exit aborted the process: "terminate called without an active exception")."""
     script = """
 import time
-import mace_lpcalc.compiled as compiled
-from mace_lpcalc.engine import MACEEngine
+import mace_lpcalc.fastpath.compiled as compiled
+from mace_lpcalc.fastpath.engine import MACEEngine
 from mace_lpcalc.models import build_tiny_model
 from mace_lpcalc.systems import water_box
 compiled.compile_graph = lambda graph, inputs: time.sleep(2) or graph
@@ -245,7 +245,7 @@ def test_a_wrong_compiled_function_is_refused_and_the_eager_model_takes_over(
     _broken_compile(monkeypatch, lambda function, batch: lambda *inputs: tuple(
         1.5 * value for value in function(*inputs)))
     eager, fast = _engines(_model())
-    with caplog.at_level(logging.WARNING, logger="mace_lpcalc.compiled"):
+    with caplog.at_level(logging.WARNING, logger="mace_lpcalc.fastpath.compiled"):
         got = _compute(fast, water)
     assert not fast.compiled.active
     assert "compiled energy differs from eager" in fast.compiled.failure

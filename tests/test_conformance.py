@@ -275,7 +275,7 @@ def test_auto_backend_keeps_a_model_maces_converter_cannot_take_on_e3nn(monkeypa
 def test_an_unreadable_layout_makes_the_fast_path_step_aside(monkeypatch):
     """A fast path that computes something else is caught at the first call: one warning,
     mace's path's results, and the reason in ``parameters``."""
-    import mace_lpcalc.engine as engine_module
+    import mace_lpcalc.fastpath.engine as engine_module
 
     original = engine_module._eager_model_call
 

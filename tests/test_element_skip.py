@@ -8,8 +8,8 @@ from e3nn import o3
 from mace.calculators import MACECalculator
 
 from mace_lpcalc.calculator import _convert_backend
-from mace_lpcalc.element_skip import ElementSkip, convert_element_skips
-from mace_lpcalc.engine import MACEEngine
+from mace_lpcalc.fastpath.element_skip import ElementSkip, convert_element_skips
+from mace_lpcalc.fastpath.engine import MACEEngine
 from mace_lpcalc.models import build_tiny_model
 from mace_lpcalc.systems import water_box
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from mace_lpcalc import load_test
+from mace_lpcalc.perf import load_test
 
 
 def test_growth_is_the_slope_over_the_second_half():

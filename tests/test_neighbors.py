@@ -7,7 +7,7 @@ import torch
 from ase.neighborlist import primitive_neighbor_list
 from mace.data.neighborhood import get_neighborhood
 
-from mace_lpcalc.neighbors import VerletNeighborList, neighbor_list
+from mace_lpcalc.fastpath.neighbors import VerletNeighborList, neighbor_list
 
 TRICLINIC = np.array([[5.0, 0.0, 0.0], [1.2, 4.6, 0.0], [0.6, -0.8, 6.1]])
 SMALL_CELL = np.array([[2.1, 0.0, 0.0], [0.4, 2.3, 0.0], [0.3, 0.2, 1.9]])

@@ -2,7 +2,7 @@
 the call, the GPU-bound verdict, wrapped (policy) and cuEquivariance models, JSON output.
 
 On CPU only host times exist; the device-time attribution runs on CUDA
-(``python -m mace_lpcalc.profile --device cuda``).
+(``python -m mace_lpcalc.perf.profile --device cuda``).
 """
 
 import json
@@ -11,7 +11,7 @@ import mace  # noqa: F401  -- before e3nn
 import pytest
 import torch
 
-from mace_lpcalc import profile as prof
+from mace_lpcalc.perf import profile as prof
 from mace_lpcalc.calculator import LowPrecisionMACECalculator
 from mace_lpcalc.models import build_tiny_model
 from mace_lpcalc.systems import water_box

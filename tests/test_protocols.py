@@ -19,13 +19,13 @@ from ase.calculators.calculator import (CalculationFailed, Calculator, Calculato
 from ase.calculators.emt import EMT
 from scipy import stats
 
-from mace_lpcalc import compiled
-from mace_lpcalc.protocols.base import (Checkpoint, checkpoint_path, read_settings_file,
+from mace_lpcalc.fastpath import compiled
+from mace_lpcalc.md.base import (Checkpoint, checkpoint_path, read_settings_file,
                                         settings_from_command_line)
-from mace_lpcalc.protocols.npt import NPT, NPTSettings, mtk_barostat_damping_fs
-from mace_lpcalc.protocols.nve import NVE, NVESettings
-from mace_lpcalc.protocols.nvt import NVT, NVTSettings
-from mace_lpcalc.trajectory import read_trajectory
+from mace_lpcalc.md.npt import NPT, NPTSettings, mtk_barostat_damping_fs
+from mace_lpcalc.md.nve import NVE, NVESettings
+from mace_lpcalc.md.nvt import NVT, NVTSettings
+from mace_lpcalc.md.trajectory import read_trajectory
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Exact equality between processes needs the same torch thread count in each.

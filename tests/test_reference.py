@@ -12,9 +12,9 @@ from scipy.spatial.transform import Rotation
 
 openmm = pytest.importorskip("openmm")
 
-from mace_lpcalc.reference import SPCFwCalculator, spcfw_forcefield  # noqa: E402
-from mace_lpcalc.reference.generate import generate, initial_water  # noqa: E402
-from mace_lpcalc.reference.spcfw import water_topology  # noqa: E402
+from mace_lpcalc.training.reference import SPCFwCalculator, spcfw_forcefield  # noqa: E402
+from mace_lpcalc.training.reference.generate import generate, initial_water  # noqa: E402
+from mace_lpcalc.training.reference.spcfw import water_topology  # noqa: E402
 
 TINY = dict(n_molecules=8, n_frames=20, temperatures_K=(300.0, 400.0), densities_g_cm3=(1.0,),
             stride_fs=10.0, equilibration_ps=0.05, cutoff_A=3.0)

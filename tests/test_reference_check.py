@@ -10,12 +10,12 @@ import pytest
 openmm = pytest.importorskip("openmm")
 
 from mace_lpcalc.analysis import block_average  # noqa: E402
-from mace_lpcalc.reference.check import (PEAK_WINDOWS_A, compare_groups, main,  # noqa: E402
+from mace_lpcalc.training.reference.check import (PEAK_WINDOWS_A, compare_groups, main,  # noqa: E402
                                          peak_position)
-from mace_lpcalc.reference.npt import (POLICY, ReferenceNPTSettings,  # noqa: E402
+from mace_lpcalc.training.reference.npt import (POLICY, ReferenceNPTSettings,  # noqa: E402
                                        forcefield_hash, run_reference_npt, unwrap_step)
 from mace_lpcalc.systems import water_box  # noqa: E402
-from mace_lpcalc.trajectory import Frame, TrajectoryWriter, read_trajectory  # noqa: E402
+from mace_lpcalc.md.trajectory import Frame, TrajectoryWriter, read_trajectory  # noqa: E402
 
 # 16 molecules make a 7.8 Å box, so the cut-off must be below half of it. One CPU thread:
 # OpenMM's CPU platform is bit-reproducible only then.

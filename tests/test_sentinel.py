@@ -11,12 +11,13 @@ from ase.calculators.calculator import CalculationFailed
 from ase.md.verlet import VelocityVerlet
 from ase import units
 
-from mace_lpcalc import LowPrecisionMACECalculator, compare
+from mace_lpcalc import LowPrecisionMACECalculator
+from mace_lpcalc.analysis import compare
 from mace_lpcalc.models import build_tiny_model
-from mace_lpcalc.protocols.nvt import NVT, NVTSettings
-from mace_lpcalc.sentinel import SENTINEL_UNITS, deviations
+from mace_lpcalc.md.nvt import NVT, NVTSettings
+from mace_lpcalc.precision.sentinel import SENTINEL_UNITS, deviations
 from mace_lpcalc.systems import water_box
-from mace_lpcalc.trajectory import read_trajectory
+from mace_lpcalc.md.trajectory import read_trajectory
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 #: Whole-model bf16 deviates from fp64 by ~3e-4 eV/Å on the tiny model, fp32 by ~1e-8.

@@ -16,7 +16,7 @@ from mace.tools.torch_geometric.dataloader import DataLoader
 from mace_lpcalc import LowPrecisionMACECalculator
 from mace_lpcalc.models import build_tiny_model, load_model, model_elements, model_hash
 from mace_lpcalc.systems import water_box
-from mace_lpcalc.train import (
+from mace_lpcalc.training.train import (
     Trainer,
     intra_inter_forces,
     make_split,
@@ -24,7 +24,7 @@ from mace_lpcalc.train import (
     prepare_model,
     train,
 )
-from mace_lpcalc.training_policies import TRAINING_POLICIES, get_training_policy
+from mace_lpcalc.precision.training import TRAINING_POLICIES, get_training_policy
 
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "systems" / "water_mace.model"
 SHIPPED_TEST_SET = SHIPPED_MODEL.parent / "water_reference" / "test.xyz.gz"

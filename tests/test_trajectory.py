@@ -10,7 +10,7 @@ from ase import Atoms, units
 from ase.build import molecule
 
 from mace_lpcalc.systems import water_box, water_density_g_cm3
-from mace_lpcalc.trajectory import (UNITS, Frame, TrajectoryError, TrajectoryWriter,
+from mace_lpcalc.md.trajectory import (UNITS, Frame, TrajectoryError, TrajectoryWriter,
                                     frame_from_atoms, read_trajectory)
 
 METADATA = {"protocol": "nvt", "settings": {"temperature_K": 300.0, "steps": 4},
@@ -205,7 +205,7 @@ def test_reopen_cuts_back_to_the_checkpoint_and_ignores_half_written_frames(tmp_
 
 _READ_IN_ANOTHER_PROCESS = """
 import sys, h5py, mdtraj
-from mace_lpcalc.trajectory import read_trajectory
+from mace_lpcalc.md.trajectory import read_trajectory
 path = sys.argv[1]
 with h5py.File(path, "r") as handle:
     h5py_frames = handle["step"].shape[0]

@@ -9,17 +9,17 @@ Pure functions over arrays (ASE units: Å, eV, ps, K, bar) plus a reader for run
 * :mod:`.statistics` — blocking averages, seed averages, significance of differences.
 * :mod:`.deviations` — static energy/force deviations from an FP64 reference.
 * :mod:`.report` / :mod:`.plots` — the per-run reduction and plots behind
-  ``python -m mace_lpcalc.compare``.
+  ``python -m mace_lpcalc.analysis.compare``.
 """
 
-from .deviations import StaticDeviations, evaluate_static_deviations, static_deviations
-from .dynamics import DiffusionCoefficient, diffusion_coefficient, mean_squared_displacement
-from .runs import Run, load_run
-from .statistics import (BlockAverage, Difference, SeedAverage, block_average,
+from mace_lpcalc.analysis.deviations import StaticDeviations, evaluate_static_deviations, static_deviations
+from mace_lpcalc.analysis.dynamics import DiffusionCoefficient, diffusion_coefficient, mean_squared_displacement
+from mace_lpcalc.analysis.runs import Run, load_run
+from mace_lpcalc.analysis.statistics import (BlockAverage, Difference, SeedAverage, block_average,
                          difference_of_averages, seed_average, welch_difference, z_difference)
-from .structure import (RadialDistribution, coordination_number, element_pairs,
+from mace_lpcalc.analysis.structure import (RadialDistribution, coordination_number, element_pairs,
                         max_rdf_radius_A, radial_distribution)
-from .thermodynamics import energy_drift
+from mace_lpcalc.analysis.thermodynamics import energy_drift
 
 __all__ = [
     "BlockAverage", "Difference", "DiffusionCoefficient", "RadialDistribution", "Run",

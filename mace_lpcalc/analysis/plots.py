@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from .report import RunObservables
+from mace_lpcalc.analysis.report import RunObservables
 
 
 def plot_traces(observables: list[RunObservables], path) -> Path:

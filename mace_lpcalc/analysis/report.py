@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .dynamics import diffusion_coefficient, mean_squared_displacement
-from .runs import Run
-from .statistics import (BlockAverage, Difference, SeedAverage, block_average,
+from mace_lpcalc.analysis.dynamics import diffusion_coefficient, mean_squared_displacement
+from mace_lpcalc.analysis.runs import Run
+from mace_lpcalc.analysis.statistics import (BlockAverage, Difference, SeedAverage, block_average,
                          difference_of_averages, seed_average)
-from .structure import RadialDistribution, element_pairs, max_rdf_radius_A, radial_distribution
-from .thermodynamics import energy_drift, production_start
+from mace_lpcalc.analysis.structure import RadialDistribution, element_pairs, max_rdf_radius_A, radial_distribution
+from mace_lpcalc.analysis.thermodynamics import energy_drift, production_start
 
 SECONDS_PER_DAY = 86400.0
 # RDFs average over at most this many frames per run: more costs time for little gain.

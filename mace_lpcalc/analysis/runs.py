@@ -1,6 +1,6 @@
 """One MD run as the analysis sees it: an MDTraj trajectory plus per-frame series in ASE units.
 
-Files are read with :func:`mace_lpcalc.trajectory.read_trajectory` (which checks the
+Files are read with :func:`mace_lpcalc.md.trajectory.read_trajectory` (which checks the
 format and drops half-written frames) and, for coordinates and topology, with
 ``mdtraj.load``. Coordinates are unwrapped; MDTraj keeps them in nm, everything this
 module hands out is in Å, eV, K, bar, ps and seconds.
@@ -15,7 +15,7 @@ import mdtraj
 import numpy as np
 from ase import Atoms
 
-from ..trajectory import TrajectoryError, read_trajectory
+from mace_lpcalc.md.trajectory import TrajectoryError, read_trajectory
 
 NM_TO_A = 10.0
 
@@ -112,7 +112,7 @@ def load_run(path) -> Run:
     """Load one run file, checking its series and their units up front.
 
     Raises ``FileNotFoundError`` for a missing file and
-    :class:`mace_lpcalc.trajectory.TrajectoryError` (a ``ValueError``) naming the problem
+    :class:`mace_lpcalc.md.trajectory.TrajectoryError` (a ``ValueError``) naming the problem
     for a file that is not HDF5, not a mace_lpcalc trajectory, lacks a series or
     attribute, or stores a series in unexpected units.
     """

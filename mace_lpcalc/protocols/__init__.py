@@ -1,26 +1,16 @@
-"""MD protocols: NVT (Langevin), NPT (isotropic MTK) and NVE (velocity Verlet).
+"""Command lines of the MD protocols: ``python -m mace_lpcalc.protocols.nvt|npt|nve``.
 
-Each is a class with a settings dataclass and ``run()``, and a command line::
-
-    python -m mace_lpcalc.protocols.nvt water.xyz --policy fp32-linear-bf16 --steps 10000
-    python -m mace_lpcalc.protocols.npt water.xyz --settings protocols/npt_water.toml
-
-Every run writes one trajectory file (:mod:`mace_lpcalc.trajectory`) and a checkpoint
-beside it, from which ``--resume`` continues a killed run exactly.
+The protocols themselves live in :mod:`mace_lpcalc.md`; their names are re-exported here
+(``from mace_lpcalc.protocols import NPT``) on first access.
 """
 
 import importlib
 
-#: Protocol class name -> defining module. Imported on first access, so that
-#: ``python -m mace_lpcalc.protocols.nvt`` does not import its own module twice.
-_EXPORTS = {"MDProtocol": "base", "MDSettings": "base", "build_calculator": "base",
-            "NVT": "nvt", "NVTSettings": "nvt", "NPT": "npt", "NPTSettings": "npt",
-            "NVE": "nve", "NVESettings": "nve"}
-
-__all__ = list(_EXPORTS)
+__all__ = ["MDProtocol", "MDSettings", "build_calculator", "NVT", "NVTSettings", "NPT",
+           "NPTSettings", "NVE", "NVESettings"]
 
 
 def __getattr__(name):
-    if name not in _EXPORTS:
+    if name not in __all__:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    return getattr(importlib.import_module("mace_lpcalc.md"), name)

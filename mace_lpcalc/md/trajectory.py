@@ -36,7 +36,7 @@ datasets.
 Frames are appended one at a time and flushed after each, so a run killed at any point
 keeps every frame logged before its last flush; ``step`` is written last in each append,
 so its length counts the complete frames. The group ``sentinel`` holds the live fp64
-sentinel's checks (:mod:`mace_lpcalc.sentinel`): ``step`` and one float64 dataset per
+sentinel's checks (:mod:`mace_lpcalc.precision.sentinel`): ``step`` and one float64 dataset per
 deviation, each with its ``units``. The file stays readable while a run writes it:
 the writer opens it without HDF5's file lock, so another process can open it with h5py,
 :func:`read_trajectory` or ``mdtraj.load`` at any time (a frame being appended at that
@@ -65,9 +65,9 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from mace_lpcalc import __version__
-from mace_lpcalc.sentinel import SENTINEL_UNITS
+from mace_lpcalc.precision.sentinel import SENTINEL_UNITS
 
-FORMAT_NAME = "mace_lpcalc.trajectory"
+FORMAT_NAME = "mace_lpcalc.md.trajectory"
 FORMAT_VERSION = 1
 
 #: Units attribute of every per-frame dataset.
@@ -278,7 +278,7 @@ class TrajectoryWriter:
         self.last_step = frame.step
 
     def append_sentinel(self, step: int, record) -> None:
-        """Write one sentinel check (a :class:`~mace_lpcalc.sentinel.SentinelRecord`)
+        """Write one sentinel check (a :class:`~mace_lpcalc.precision.sentinel.SentinelRecord`)
         made at MD ``step``, and flush."""
         group = self._file["sentinel"]
         n_checks = group["step"].shape[0]

@@ -19,10 +19,10 @@ The selection makes the skin free for the model: it always sees exactly the edge
 inside the cutoff, while vesin runs only every few steps instead of at every step.
 
 The model's element-dependent skip connections are evaluated for the elements present
-only (:mod:`mace_lpcalc.element_skip`), which MACEEngine converts them to in place.
+only (:mod:`mace_lpcalc.fastpath.element_skip`), which MACEEngine converts them to in place.
 
 With ``compile_model`` the model call is traced, backward pass included, and fused by
-TorchInductor (:mod:`mace_lpcalc.compiled`), by default in a background thread while
+TorchInductor (:mod:`mace_lpcalc.fastpath.compiled`), by default in a background thread while
 the CUDA graph of the eager call keeps MD going; once the compiled call is ready and
 checked, the graph is captured again around it.
 
@@ -53,9 +53,9 @@ import numpy as np
 import torch
 from mace.modules import utils as mace_utils
 
-from mace_lpcalc.compiled import DEVICE_WORK_LOCK, CompiledModelCall
-from mace_lpcalc.element_skip import convert_element_skips
-from mace_lpcalc.neighbors import VerletNeighborList, _check_pbc
+from mace_lpcalc.fastpath.compiled import DEVICE_WORK_LOCK, CompiledModelCall
+from mace_lpcalc.fastpath.element_skip import convert_element_skips
+from mace_lpcalc.fastpath.neighbors import VerletNeighborList, _check_pbc
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class MACEEngine:
         model: a prepared MACE model (any float dtype, possibly with 16-bit Linear
             wrappers), called like mace's calculator calls it. Moved to ``device``; its
             parameters stop requiring gradients (as in mace's calculator), and its skip
-            connections become :class:`mace_lpcalc.element_skip.ElementSkip` modules.
+            connections become :class:`mace_lpcalc.fastpath.element_skip.ElementSkip` modules.
         z_table_atomic_numbers: the model's elements, in its one-hot order.
         r_max: the model's cutoff radius in Å.
         device: where the model and all per-step tensors live.
@@ -97,16 +97,16 @@ class MACEEngine:
             needs it. Padding edges cost model time, so keep it small; outgrowing the
             capacity costs one re-capture.
         head: the model head to evaluate; default as mace's calculator chooses.
-        compile_model: evaluate through :class:`mace_lpcalc.compiled.CompiledModelCall`
+        compile_model: evaluate through :class:`mace_lpcalc.fastpath.compiled.CompiledModelCall`
             (forward and backward fused by TorchInductor; the first use of a model at a
             size compiles for tens of seconds, later processes load inductor's cache).
             Falls back to the eager model, with a warning, where compilation or its check
             fails.
         compile_in_background: compile in a worker thread while calls run the eager
-            model (see :mod:`mace_lpcalc.compiled`); False compiles within the first call.
+            model (see :mod:`mace_lpcalc.fastpath.compiled`); False compiles within the first call.
         reference_model: with ``compile_model`` and a model with 16-bit operands: the same
             model without them, against which the compiled call's accuracy is checked (it
-            must be about as accurate as the eager call; see :mod:`mace_lpcalc.compiled`).
+            must be about as accurate as the eager call; see :mod:`mace_lpcalc.fastpath.compiled`).
     """
 
     def __init__(self, model: torch.nn.Module, *, z_table_atomic_numbers, r_max: float,

@@ -7,7 +7,7 @@ does the rest:
 1. read the structure (or the checkpoint, when resuming) and check it,
 2. build the calculator (:func:`build_calculator`) and evaluate the first forces,
    so a bad structure or an unknown element fails before any file is written,
-3. log a frame every ``log_every`` steps to the trajectory (:mod:`mace_lpcalc.trajectory`),
+3. log a frame every ``log_every`` steps to the trajectory (:mod:`mace_lpcalc.md.trajectory`),
    stopping with ``CalculationFailed`` at the first non-finite or exploding force,
 4. write a checkpoint every ``checkpoint_every`` steps, every ``checkpoint_every_s``
    seconds of wall time, and at the end,
@@ -46,12 +46,12 @@ from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_mom
 
 from mace_lpcalc.calculator import (BACKENDS, EXPLODING_FORCE_EV_A, LowPrecisionMACECalculator,
                                     package_versions)
-from mace_lpcalc.auto_policy import DEFAULT_AUTO_FORCE_BUDGET_EV_A
+from mace_lpcalc.precision.auto import DEFAULT_AUTO_FORCE_BUDGET_EV_A
 from mace_lpcalc.models import build_tiny_model, default_model_path
-from mace_lpcalc.policies import POLICIES
-from mace_lpcalc.protocols.progress import RunProgress, ns_per_day
-from mace_lpcalc.sentinel import SENTINEL_ACTIONS
-from mace_lpcalc.trajectory import (TrajectoryData, TrajectoryError, TrajectoryWriter,
+from mace_lpcalc.precision.policies import POLICIES
+from mace_lpcalc.md.progress import RunProgress, ns_per_day
+from mace_lpcalc.precision.sentinel import SENTINEL_ACTIONS
+from mace_lpcalc.md.trajectory import (TrajectoryData, TrajectoryError, TrajectoryWriter,
                                     frame_from_atoms, is_periodic, read_trajectory)
 
 try:

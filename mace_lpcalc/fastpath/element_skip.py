@@ -12,8 +12,8 @@ for a system that contains two of them.
 block's features with the weights of the elements in use side by side, then picks each
 node's own column block with its one-hot row. The block weights are read off the original
 module by probing it with unit vectors and verified to reproduce it, as
-:class:`mace_lpcalc.policies.IrrepBlockLinear` does for Linear layers. A caller that knows
-which elements occur (:class:`mace_lpcalc.engine.MACEEngine`) restricts the matmul to them
+:class:`mace_lpcalc.precision.policies.IrrepBlockLinear` does for Linear layers. A caller that knows
+which elements occur (:class:`mace_lpcalc.fastpath.engine.MACEEngine`) restricts the matmul to them
 with :meth:`ElementSkip.use_elements`; by default every element of the model is used, so
 the module is a faithful replacement anywhere.
 """
@@ -27,7 +27,7 @@ import mace  # noqa: F401  -- before e3nn
 import torch
 from e3nn import o3
 
-from .policies import _flat_index, block_as_rows, rows_as_block
+from mace_lpcalc.precision.policies import _flat_index, block_as_rows, rows_as_block
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ name             forward pass                                                los
 
 fp16 has a narrow exponent range, so its policies use dynamic loss scaling
 (``torch.amp.GradScaler``), which also skips any step whose gradients hold inf or NaN.
-The forward-pass transforms are :func:`mace_lpcalc.policies.apply_policy`'s; the fp32
+The forward-pass transforms are :func:`mace_lpcalc.precision.policies.apply_policy`'s; the fp32
 parameters they leave in place are the ones the optimizer updates.
 """
 
@@ -28,7 +28,7 @@ import dataclasses
 
 import torch
 
-from .policies import POLICIES, PrecisionPolicy
+from mace_lpcalc.precision.policies import POLICIES, PrecisionPolicy
 
 _AMP_FP16 = PrecisionPolicy("amp-fp16", "torch.autocast(float16) over the whole model",
                             torch.float32, autocast_dtype=torch.float16)
