@@ -10,14 +10,20 @@ import numpy as np
 from ase import Atoms
 from ase.build import bulk
 from ase.data import atomic_masses
-from ase.units import _amu
+from ase.neighborlist import natural_cutoffs, neighbor_list
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial.transform import Rotation
+
+from mace_lpcalc.units import CM3_PER_A3, GRAM_PER_AMU, density_g_cm3 as mass_density_g_cm3
 
 #: TIP3P-like geometry of one water molecule (O at the origin), Å.
 _WATER = np.array([[0.0, 0.0, 0.0], [0.9572, 0.0, 0.0],
                    [0.9572 * np.cos(np.radians(104.52)), 0.9572 * np.sin(np.radians(104.52)), 0.0]])
 _WATER_MASS_G_MOL = float(atomic_masses[8] + 2 * atomic_masses[1])  # ASE's masses, as MD uses
 _MIN_INTERMOLECULAR_A = 1.6
+#: Bonded: closer than this times the sum of covalent radii (see :func:`molecule_ids`).
+MOLECULE_BOND_TOLERANCE = 1.3
 
 
 def water_box(n_molecules: int, density_g_cm3: float = 1.0, seed: int = 0) -> Atoms:
@@ -31,7 +37,7 @@ def water_box(n_molecules: int, density_g_cm3: float = 1.0, seed: int = 0) -> At
         raise ValueError(f"n_molecules must be positive, got {n_molecules}")
     if not 0.1 <= density_g_cm3 <= 3.0:
         raise ValueError(f"density_g_cm3={density_g_cm3} is not a liquid water density")
-    volume_A3 = n_molecules * _WATER_MASS_G_MOL * _amu * 1e3 / density_g_cm3 * 1e24
+    volume_A3 = n_molecules * _WATER_MASS_G_MOL * GRAM_PER_AMU / (density_g_cm3 * CM3_PER_A3)
     box = volume_A3 ** (1.0 / 3.0)
     per_side = int(np.ceil(n_molecules ** (1.0 / 3.0)))
     spacing = box / per_side
@@ -79,8 +85,7 @@ def _min_image_distance(a: np.ndarray, b: np.ndarray, box: float) -> float:
 
 def water_density_g_cm3(atoms: Atoms) -> float:
     """Mass density of a periodic structure (water or not) in g/cm³."""
-    mass_g = atoms.get_masses().sum() * _amu * 1e3
-    return mass_g / (atoms.get_volume() * 1e-24)
+    return mass_density_g_cm3(atoms.get_masses().sum(), atoms.get_volume())
 
 
 def diamond(n: int, a: float = 3.567) -> Atoms:
@@ -100,3 +105,23 @@ def carbon_cluster(n_atoms: int = 64, seed: int = 0, spacing_A: float = 1.54) ->
     rng = np.random.default_rng(seed)
     jitter = rng.uniform(-0.05, 0.05, size=(n_atoms, 3))
     return Atoms(f"C{n_atoms}", positions=positions[keep] + jitter, pbc=False)
+
+
+def covalent_bonds(atoms: Atoms, bond_tolerance: float = MOLECULE_BOND_TOLERANCE):
+    """Bonded atom pairs ``(first, second)``, int arrays, each pair in both orders.
+
+    Two atoms are bonded when closer (minimum image) than ``bond_tolerance`` times the sum
+    of their covalent radii (ASE's ``natural_cutoffs``). The default 1.3 (O–H up to
+    1.26 Å) covers thermally stretched O–H bonds of flexible water (up to ~1.15 Å at
+    400 K) while hydrogen bonds (O···H > 1.4 Å) stay unbonded.
+    """
+    return neighbor_list("ij", atoms, natural_cutoffs(atoms, mult=bond_tolerance))
+
+
+def molecule_ids(atoms: Atoms, bond_tolerance: float = MOLECULE_BOND_TOLERANCE) -> np.ndarray:
+    """Molecule index of each atom, shape ``(n_atoms,)``: connected components of
+    :func:`covalent_bonds`."""
+    first, second = covalent_bonds(atoms, bond_tolerance)
+    bonds = coo_matrix((np.ones(len(first)), (first, second)), shape=(len(atoms), len(atoms)))
+    _, labels = connected_components(bonds, directed=False)
+    return labels

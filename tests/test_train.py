@@ -15,12 +15,11 @@ from mace.tools.torch_geometric.dataloader import DataLoader
 
 from mace_lpcalc import LowPrecisionMACECalculator
 from mace_lpcalc.models import build_tiny_model, load_model, model_elements, model_hash
-from mace_lpcalc.systems import water_box
+from mace_lpcalc.systems import molecule_ids, water_box
 from mace_lpcalc.training.train import (
     Trainer,
     intra_inter_forces,
     make_split,
-    molecule_ids,
     prepare_model,
     train,
 )

@@ -51,7 +51,7 @@ from mace_lpcalc.models import build_tiny_model, default_model_path
 from mace_lpcalc.precision.policies import POLICIES
 from mace_lpcalc.md.progress import RunProgress, ns_per_day
 from mace_lpcalc.precision.sentinel import SENTINEL_ACTIONS
-from mace_lpcalc.md.trajectory import (TrajectoryData, TrajectoryError, TrajectoryWriter,
+from mace_lpcalc.md.trajectory import (TrajectoryData, TrajectoryWriter,
                                     frame_from_atoms, is_periodic, read_trajectory)
 
 try:

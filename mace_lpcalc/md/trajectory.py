@@ -59,12 +59,11 @@ import mdtraj
 import numpy as np
 from ase import Atoms, units
 from ase.cell import Cell
-from ase.neighborlist import natural_cutoffs, neighbor_list
 from mdtraj.formats.hdf5 import HDF5TrajectoryFile
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from mace_lpcalc import __version__
+from mace_lpcalc.systems import covalent_bonds, molecule_ids
+from mace_lpcalc.units import density_g_cm3
 from mace_lpcalc.precision.sentinel import SENTINEL_UNITS
 
 FORMAT_NAME = "mace_lpcalc.md.trajectory"
@@ -138,13 +137,12 @@ def frame_from_atoms(atoms: Atoms, step: int, time_ps: float, conserved_energy_e
 
 
 def mdtraj_topology(atoms: Atoms) -> mdtraj.Topology:
-    """An MDTraj topology with one residue per bonded molecule (bonded: closer than
-    1.2 × the sum of covalent radii, minimum image). Residues are named by Hill
-    formula, water as ``HOH``."""
-    first, second = neighbor_list("ij", atoms, natural_cutoffs(atoms, mult=1.2))
-    n_atoms = len(atoms)
-    adjacency = coo_matrix((np.ones(len(first)), (first, second)), shape=(n_atoms, n_atoms))
-    n_molecules, molecule_of_atom = connected_components(adjacency, directed=False)
+    """An MDTraj topology with one residue per bonded molecule
+    (:func:`mace_lpcalc.systems.molecule_ids`). Residues are named by Hill formula,
+    water as ``HOH``."""
+    first, second = covalent_bonds(atoms)
+    molecule_of_atom = molecule_ids(atoms)
+    n_molecules = int(molecule_of_atom.max()) + 1 if len(atoms) else 0
     # Residues numbered in order of their first atom, so atom order is preserved.
     order = {label: rank for rank, label in enumerate(dict.fromkeys(molecule_of_atom))}
     topology = mdtraj.Topology()
@@ -183,7 +181,7 @@ class TrajectoryWriter:
         names = [name for name in UNITS if name != "step"
                  and (self.periodic or name not in _CELL_DATASETS)] + ["step"]
         self._datasets = {name: handle[name] for name in names}
-        self._mass_g = float(handle["masses"][:].sum()) * units._amu * 1e3
+        self._mass_amu = float(handle["masses"][:].sum())
         steps = handle["step"]
         self.last_step = int(steps[-1]) if len(steps) else None
         #: Complete frames :meth:`reopen` cut off (logged after the checkpoint resumed from).
@@ -332,7 +330,7 @@ class TrajectoryWriter:
             values.update(cell_lengths=cell_parameters[:3] * _NM_PER_ANGSTROM,
                           cell_angles=cell_parameters[3:], stress=stress, volume=volume,
                           pressure=-stress[:3].mean() / units.bar,
-                          density=self._mass_g / (volume * _CM3_PER_ANGSTROM3))
+                          density=density_g_cm3(self._mass_amu, volume))
         elif frame.cell_A is not None or frame.stress_eV_A3 is not None:
             raise TrajectoryError(f"{self.path}: the trajectory is not periodic but frame "
                                   f"at step {frame.step} has a cell or stress")

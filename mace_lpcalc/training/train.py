@@ -39,18 +39,16 @@ import ase.io
 import mace  # noqa: F401  -- before e3nn
 import numpy as np
 import torch
-from ase.neighborlist import natural_cutoffs, neighbor_list
 from ase.stress import voigt_6_to_full_3x3_stress
 from mace import data as mace_data
 from mace.modules.loss import WeightedEnergyForcesStressLoss
 from mace.modules.utils import compute_avg_num_neighbors, compute_mean_rms_energy_forces
 from mace.tools import AtomicNumberTable
 from mace.tools.torch_geometric.dataloader import DataLoader
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mace_lpcalc.models import build_model
+from mace_lpcalc.systems import molecule_ids
 from mace_lpcalc.precision.policies import apply_policy, copy_without_policy, policy_context
 from mace_lpcalc.precision.training import TRAINING_POLICIES, TrainingPolicy, get_training_policy
 
@@ -106,20 +104,6 @@ def make_split(name: str, frames: list, z_table: AtomicNumberTable, r_max: float
 
 
 # ---------------------------------------------------------------- decomposition
-
-
-def molecule_ids(atoms, bond_tolerance: float = 1.3) -> np.ndarray:
-    """Molecule index of each atom: connected components of covalent bonds.
-
-    Two atoms are bonded when closer than ``bond_tolerance`` times the sum of their
-    covalent radii (ASE's ``natural_cutoffs``). The default 1.3 (O–H up to 1.26 Å) covers
-    thermally stretched O–H bonds of flexible water (up to ~1.15 Å at 400 K) while hydrogen
-    bonds (O···H > 1.4 Å) stay unbonded. Returns an int array of shape ``(n_atoms,)``.
-    """
-    first, second = neighbor_list("ij", atoms, natural_cutoffs(atoms, mult=bond_tolerance))
-    bonds = coo_matrix((np.ones(len(first)), (first, second)), shape=(len(atoms), len(atoms)))
-    _, labels = connected_components(bonds, directed=False)
-    return labels
 
 
 def intra_inter_forces(forces: np.ndarray, masses: np.ndarray, molecules: np.ndarray):

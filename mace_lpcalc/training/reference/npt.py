@@ -57,12 +57,13 @@ from ase import Atoms, units
 from ase.geometry import find_mic
 from openmm import unit
 
+from mace_lpcalc.units import EV_PER_KJ_MOL, density_g_cm3
+
 from mace_lpcalc.md.trajectory import Frame, TrajectoryWriter
 from mace_lpcalc.training.reference.spcfw import SPCFwCalculator, check_water_atoms, spcfw_forcefield_xml
 
 POLICY = "reference-openmm-spcfw"
 PROTOCOL = "npt"
-_KJ_MOL_TO_EV = units.kJ / units.mol
 _FS_PER_PS = 1000.0
 _SECONDS_PER_DAY = 86400.0
 
@@ -222,13 +223,13 @@ class ReferenceNPT:
         state = self.context.getState(getEnergy=True)
         potential = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
         kinetic = state.getKineticEnergy().value_in_unit(unit.kilojoule_per_mole)
-        temperature = 2 * kinetic * _KJ_MOL_TO_EV / (self.n_dof * units.kB)
+        temperature = 2 * kinetic * EV_PER_KJ_MOL / (self.n_dof * units.kB)
         pressure_bar = self.barostat.computeCurrentPressure(self.context).value_in_unit(unit.bar)
         isotropic = -pressure_bar * units.bar
         return Frame(step=step, time_ps=step * self.settings.timestep_fs / _FS_PER_PS,
-                     positions_A=positions_A, potential_energy_eV=potential * _KJ_MOL_TO_EV,
-                     kinetic_energy_eV=kinetic * _KJ_MOL_TO_EV,
-                     conserved_energy_eV=(potential + kinetic) * _KJ_MOL_TO_EV,
+                     positions_A=positions_A, potential_energy_eV=potential * EV_PER_KJ_MOL,
+                     kinetic_energy_eV=kinetic * EV_PER_KJ_MOL,
+                     conserved_energy_eV=(potential + kinetic) * EV_PER_KJ_MOL,
                      temperature_K=temperature, wall_time_per_step_s=seconds_per_step,
                      cell_A=cell_A, stress_eV_A3=np.array([isotropic] * 3 + [0.0] * 3))
 
@@ -316,8 +317,7 @@ def run_reference_npt(structure, out, settings: ReferenceNPTSettings, *,
     simulation.equilibrate()
     equilibration_seconds = time.perf_counter() - started
     equilibrated = simulation.current_atoms(wrap=True)
-    density = float(simulation.masses_amu.sum() * units._amu * 1e3
-                    / (equilibrated.get_volume() * 1e-24))
+    density = density_g_cm3(simulation.masses_amu.sum(), equilibrated.get_volume())
     log(f"equilibrated {settings.equilibration_ps:g} ps in {equilibration_seconds:.0f} s: "
         f"density {density:.4f} g/cm3")
     if equilibrated_out is not None:

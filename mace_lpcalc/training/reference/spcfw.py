@@ -33,13 +33,13 @@ import math
 
 import numpy as np
 import openmm
-from ase import units
 from ase.calculators.calculator import Calculator, CalculatorSetupError, all_changes
 from openmm import app, unit
 
+from mace_lpcalc.units import EV_PER_KJ_MOL
+
 _KCAL_TO_KJ = 4.184
 _A_TO_NM = 0.1
-_KJ_MOL_TO_EV = units.kJ / units.mol
 
 #: SPC/Fw parameters in the paper's units.
 SPCFW_PARAMETERS = {
@@ -202,12 +202,12 @@ class SPCFwCalculator(Calculator):
         context.setPeriodicBoxVectors(*[openmm.Vec3(*row) for row in box_nm])
         context.setPositions(positions_nm)
         state = context.getState(getEnergy=True, getForces=forces)
-        energy = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole) * _KJ_MOL_TO_EV
+        energy = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole) * EV_PER_KJ_MOL
         if not forces:
             return energy, None
         force = state.getForces(asNumpy=True).value_in_unit(
             unit.kilojoule_per_mole / unit.nanometer)
-        return energy, np.asarray(force) * _KJ_MOL_TO_EV * _A_TO_NM
+        return energy, np.asarray(force) * EV_PER_KJ_MOL * _A_TO_NM
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
