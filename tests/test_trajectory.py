@@ -230,3 +230,25 @@ def test_a_running_trajectory_is_readable_by_other_processes_and_writable_by_non
         writer.append(_frame(atoms, 10))
     with TrajectoryWriter.reopen(path, keep_through_step=10, n_atoms=len(atoms)) as again:
         assert again.last_step == 10
+
+
+
+def test_reading_and_analysing_a_trajectory_loads_neither_torch_nor_mace(tmp_path):
+    """The analysis floor stands on the trajectory file alone."""
+    import subprocess
+    import sys
+    atoms = water_box(8)
+    path = tmp_path / "run.h5"
+    with TrajectoryWriter.create(path, atoms, METADATA) as writer:
+        for step in (0, 10, 20, 30):
+            writer.append(_frame(atoms, step))
+    script = ("import sys\n"
+              "from mace_lpcalc.analysis import compare, load_run, radial_distribution\n"
+              f"run = load_run({str(path)!r})\n"
+              "rdf = radial_distribution(run.trajectory, ('O', 'O'), r_max_A=3.0)\n"
+              "assert run.trajectory.n_frames == 4 and len(rdf.g) > 0\n"
+              "print(sorted(m for m in ('torch', 'mace', 'e3nn') if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -28,8 +28,6 @@ from mace_lpcalc.analysis.report import (Summary, common_msd_lag_ps, common_rdf_
                               group_label, run_observables, summarise)
 from mace_lpcalc.analysis.runs import Run, load_run
 from mace_lpcalc.analysis.thermodynamics import production_start
-from mace_lpcalc.calculator import LowPrecisionMACECalculator
-from mace_lpcalc.models import default_model_path
 
 REFERENCE_POLICY = "fp64"
 
@@ -148,6 +146,10 @@ def _reference_group(runs: list[Run], groups: dict, reference_paths: set) -> str
 
 def _static_deviations(runs: list[Run], groups: dict, args) -> dict[str, StaticDeviations]:
     """Re-evaluate production frames of each non-FP64 group under FP64 and its own policy."""
+    # Imported here: comparing trajectories alone must not load torch and mace.
+    from mace_lpcalc.calculator import LowPrecisionMACECalculator
+    from mace_lpcalc.models import default_model_path
+
     model_path = args.model
     if model_path is None:
         model_path = default_model_path()
