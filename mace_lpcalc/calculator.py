@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import glob
 import platform
+import threading
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -170,6 +171,12 @@ def _largest_deviation(results: dict, reference: dict) -> float:
             scale = np.linalg.norm(np.asarray(reference[key], dtype=np.float64)) + 1e-3
             deviations.append(float(np.linalg.norm(difference) / scale))
     return max(deviations)
+
+
+#: torch's default dtype (which mace's data pipeline reads) and the CUDA matmul flags a
+#: policy needs are process-wide: a calculation sets them for its duration, so two
+#: calculators of different policies in two threads calculate one at a time.
+_PROCESS_DEFAULTS_LOCK = threading.RLock()
 
 
 class LowPrecisionMACECalculator(MACECalculator):
@@ -445,7 +452,8 @@ class LowPrecisionMACECalculator(MACECalculator):
         self.check_atoms(self.atoms)
         # mace builds batches and result tensors in torch's default dtype, which its
         # calculator sets process-wide at construction; ours sets it only while it calculates.
-        with policy_context(self.policy), torch_tools.default_dtype(self.policy.model_dtype):
+        with _PROCESS_DEFAULTS_LOCK, policy_context(self.policy), \
+                torch_tools.default_dtype(self.policy.model_dtype):
             if self.engines:
                 self._calculate_fast_or_step_aside(properties)
             if not self.engines:
@@ -516,7 +524,7 @@ class LowPrecisionMACECalculator(MACECalculator):
     def _atoms_to_batch(self, atoms):
         # For mace's other entry points (get_descriptors, get_hessian), which build their
         # batch here, in torch's default dtype, as calculate does.
-        with torch_tools.default_dtype(self.policy.model_dtype):
+        with _PROCESS_DEFAULTS_LOCK, torch_tools.default_dtype(self.policy.model_dtype):
             return super()._atoms_to_batch(atoms)
 
     def _calculate_fast_or_step_aside(self, properties) -> None:
