@@ -17,6 +17,7 @@ from mace_lpcalc.analysis import compare
 from mace_lpcalc.models import default_model_path
 from mace_lpcalc.precision.policies import POLICIES
 from mace_lpcalc.md.nvt import NVT, NVTSettings
+from mace_lpcalc.fastpath.compiled import shorten_switch_interval_of_this_process
 
 SYSTEMS = Path(__file__).resolve().parent.parent / "systems"
 
@@ -61,4 +62,5 @@ def _has_momenta(path: str) -> bool:
 
 
 if __name__ == "__main__":
+    shorten_switch_interval_of_this_process()
     raise SystemExit(main())

@@ -19,7 +19,7 @@ import warnings
 from importlib import metadata
 from pathlib import Path
 
-import mace  # noqa: F401  -- before e3nn
+from mace_lpcalc import compat  # noqa: F401  -- mace before e3nn; version check
 import numpy as np
 import torch
 from ase.calculators.calculator import (CalculationFailed, Calculator, CalculatorSetupError,

@@ -15,7 +15,7 @@ widths (128 channels, 64-wide radial MLP) for speed measurements.
 
 from __future__ import annotations
 
-import mace  # noqa: F401  -- before e3nn
+from mace_lpcalc import compat  # noqa: F401  -- mace before e3nn; version check
 import numpy as np
 import torch
 from e3nn import o3

@@ -18,7 +18,7 @@ import io
 import os
 from pathlib import Path
 
-import mace  # noqa: F401  -- must precede e3nn: mace sets the torch.load flag e3nn needs
+from mace_lpcalc import compat  # noqa: F401  -- mace before e3nn; version check
 import numpy as np
 import torch
 from e3nn import o3

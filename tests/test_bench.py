@@ -6,7 +6,8 @@ import time
 import pytest
 
 from mace_lpcalc.fastpath import compiled
-from mace_lpcalc.perf import bench, setup_time
+from mace_lpcalc.perf import auto_setup, bench, setup_time
+from mace_lpcalc.precision.auto import AUTO_CANDIDATES
 
 
 def test_benchmark_json(tmp_path):
@@ -83,3 +84,21 @@ def test_setup_time_splits_the_first_step_of_a_first_and_a_second_calculator(
         assert times["construction_to_first_step_s"] == pytest.approx(
             times["calculator_init_s"] + times["first_call_s"])
         assert times["second_call_ms"] > 0 and times["compile_and_check_s"] > 0
+
+
+def test_auto_setup_json_holds_the_decision_and_its_cost(water_files, tmp_path):
+    _, model = water_files
+    out = tmp_path / "auto.json"
+    auto_setup.main(["--device", "cpu", "--molecules", "2", "--backend", "e3nn",
+                     "--model", str(model), "--json", str(out)])
+    result = json.loads(out.read_text())
+    decision = result["policy_decision"]
+    assert result["n_atoms"] == 6 and result["chosen_policy"] == decision["chosen"]
+    assert result["auto_setup_s"] == pytest.approx(
+        result["auto_first_call_s"] - result["fp32_first_call_s"])
+    # The decision's own measurement is part of the auto calculator's first call.
+    assert 0 < decision["setup_s"] <= result["auto_first_call_s"]
+    rows = {row["policy"]: row for row in decision["candidates"]}
+    assert set(rows) == set(AUTO_CANDIDATES)
+    assert rows["fp32"]["force_max_deviation_eV_A"] < 1e-4 and rows["fp32"]["within_budget"]
+    assert result["versions"]["torch"] and result["date"] == time.strftime("%Y-%m-%d")

@@ -1,5 +1,7 @@
 """Element-dependent skip connections as per-element block matmuls, against the original."""
 
+import concurrent.futures
+
 import mace  # noqa: F401  -- before e3nn
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ from e3nn import o3
 from mace.calculators import MACECalculator
 
 from mace_lpcalc.calculator import _convert_backend
-from mace_lpcalc.fastpath.element_skip import ElementSkip, convert_element_skips
+from mace_lpcalc.fastpath.element_skip import ElementSkip, convert_element_skips, elements_in_use
 from mace_lpcalc.fastpath.engine import MACEEngine
 from mace_lpcalc.models import build_tiny_model
 from mace_lpcalc.systems import water_box
@@ -33,15 +35,20 @@ def test_element_skip_reproduces_the_tensor_product_and_its_gradient(backend):
         expected = original(x, one_hot)
         (expected_grad,) = torch.autograd.grad(expected.pow(2).sum(), x)
         for elements in (None, (0, 2)):
-            skip.use_elements(elements)
-            got = skip(x, one_hot)
+            with elements_in_use(elements):
+                got = skip(x, one_hot)
             (got_grad,) = torch.autograd.grad(got.pow(2).sum(), x)
             torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(got_grad, expected_grad, rtol=1e-12, atol=1e-12)
         # Restricted to H alone, the oxygen rows lose their skip term: the restriction is
         # real, which is why the engine includes every element it writes.
-        skip.use_elements((0,))
-        assert not torch.allclose(skip(x, one_hot)[1::2], expected[1::2])
+        with elements_in_use((0,)):
+            assert not torch.allclose(skip(x, one_hot)[1::2], expected[1::2])
+        # The restriction is this thread's, for the block only.
+        with elements_in_use((0,)):
+            other_thread = concurrent.futures.ThreadPoolExecutor(1).submit(skip, x, one_hot)
+            torch.testing.assert_close(other_thread.result(), expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(skip(x, one_hot), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_a_product_with_a_non_scalar_second_input_is_refused():
@@ -73,5 +80,10 @@ def test_engine_follows_a_change_of_elements_at_the_same_atom_count():
         numbers = atoms.numbers.copy()
         numbers[np.flatnonzero(numbers == 8)[:4]] = 6
         atoms.numbers = numbers
-    # The shared model is left evaluating every element (as mace's calculator needs).
-    assert all(skip.elements == (0, 1, 2) for skip in engine._element_skips)
+    # The shared model, called outside the engine, evaluates every element (as mace's
+    # calculator needs): all-element skips on all-carbon atoms still match the original.
+    carbon = torch.nn.functional.one_hot(torch.full((5,), 1), len(ELEMENTS)).double()
+    for interaction, original in zip(model.interactions, reference.models[0].interactions):
+        assert isinstance(interaction.skip_tp, ElementSkip)
+        x = torch.randn(5, o3.Irreps(str(original.skip_tp.irreps_in1)).dim, dtype=torch.float64)
+        torch.testing.assert_close(interaction.skip_tp(x, carbon), original.skip_tp(x, carbon))

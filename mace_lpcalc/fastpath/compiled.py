@@ -19,9 +19,10 @@ the same architecture is served too.
 Compiling takes tens of seconds on a cold cache. In the background (the engine's
 default), the calls meanwhile run the eager model, which on CUDA means the engine's CUDA
 graph of the eager call, so MD does not wait; once the compiled function has passed its check it
-takes over, and ``version`` tells the engine to capture it. While a compilation runs,
-Python's thread switch interval is shortened so the MD loop's thread gets the
-interpreter back promptly from the compiling one.
+takes over, and ``version`` tells the engine to capture it. The command lines shorten
+Python's thread switch interval for their process (:data:`BACKGROUND_SWITCH_INTERVAL_S`)
+so that the MD loop's thread gets the interpreter back promptly from the compiling one;
+a script of one's own can do the same with ``sys.setswitchinterval``.
 
 Each compiled function is checked once against the eager model; a failed compilation
 or check logs a warning and the calls fall back to the eager model, so compiling never
@@ -38,17 +39,18 @@ reduced-precision operands, the compiled call may be off by at most
 
 from __future__ import annotations
 
-import contextlib
+import contextvars
+import inspect
 import logging
 import sys
 import threading
 import time
+import types
 
 import torch
-from torch._guards import TracingContext, tracing
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.proxy_tensor import make_fx
-from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+from mace_lpcalc.compat import (FakeTensorMode, ShapeEnv, TracingContext, inductor_compile,
+                                make_fx, tracing)
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +72,21 @@ CHECK_DISPLACEMENT_A = 0.1
 #: 5 ms): the MD loop's thread waits up to this long for the interpreter each time it
 #: hands it over (around every torch call, for instance), ~100 times per step.
 BACKGROUND_SWITCH_INTERVAL_S = 5e-5
+
+
+def shorten_switch_interval_of_this_process() -> None:
+    """For command lines, which own their process: :data:`BACKGROUND_SWITCH_INTERVAL_S`.
+
+    Only the MD loop and a compiling thread contend for the interpreter, so the short
+    interval costs nothing once compilation is over.
+    """
+    sys.setswitchinterval(BACKGROUND_SWITCH_INTERVAL_S)
 #: Held by every eager model call, by CUDA graph captures, and by a background
-#: compilation while it traces and runs kernels. Eager calls and traces switch
-#: process-wide state (the gather function, the skip connections' element set, e3nn's
-#: scripted functions) for their duration; and a compiled
-#: function's first run synchronises the whole device (inductor benchmarks its kernel
-#: configurations), which would break a capture running meanwhile.
+#: compilation while it traces and runs kernels: a CUDA graph capture fails when another
+#: thread launches work that synchronises the device meanwhile, and a compiled
+#: function's first run does (inductor benchmarks its kernel configurations). No
+#: Python or library state depends on it: what a call changes (gathers, element set,
+#: tracing) is the calling thread's own, in context variables.
 DEVICE_WORK_LOCK = threading.RLock()
 
 
@@ -190,7 +201,7 @@ class CompiledModelCall:
         if copied is not None:
             stream = torch.cuda.Stream(batch["positions"].device)
             stream.wait_event(copied)
-        with _short_switch_interval(), torch.cuda.stream(stream):  # None: no stream
+        with torch.cuda.stream(stream):  # None: no stream
             self._compile_and_install(batch, compute_stress, counts, generation)
             if stream is not None:
                 stream.synchronize()  # everything the check launched has finished
@@ -265,10 +276,12 @@ class CompiledModelCall:
 
         inputs = [batch[key] for key in BATCH_KEYS]
         # Traced on the real inputs: the model's weights become constants of the graph.
-        # Locked as a whole: another engine's trace ending would restore the scripted
-        # functions in the middle of this one.
-        with DEVICE_WORK_LOCK, _script_functions_as_python():
-            graph = make_fx(energy_forces)(*inputs)
+        token = _TRACING.set(True)
+        try:
+            with DEVICE_WORK_LOCK:
+                graph = make_fx(energy_forces)(*inputs)
+        finally:
+            _TRACING.reset(token)
         return compile_graph(graph, inputs)
 
 
@@ -283,7 +296,7 @@ def compile_graph(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]):
     # Without gradients, as it runs: else AOTAutograd would differentiate the backward.
     with tracing(TracingContext(fake_mode)), torch.no_grad():
         fakes = [fake_mode.from_tensor(value, static_shapes=True) for value in inputs]
-        return torch._inductor.compile(graph, fakes)
+        return inductor_compile(graph, fakes)
 
 
 def _detached(outputs: dict) -> dict:
@@ -306,49 +319,55 @@ def _capturing(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-_switch_interval_lock = threading.Lock()
-_background_jobs = 0
-_saved_switch_interval = None
+#: Set while this thread traces: modules made traceable run their Python forward.
+_TRACING = contextvars.ContextVar("mace_lpcalc_tracing", default=False)
 
 
-@contextlib.contextmanager
-def _short_switch_interval():
-    """BACKGROUND_SWITCH_INTERVAL_S while any background compilation runs."""
-    global _background_jobs, _saved_switch_interval
-    with _switch_interval_lock:
-        if _background_jobs == 0:
-            _saved_switch_interval = sys.getswitchinterval()
-            sys.setswitchinterval(BACKGROUND_SWITCH_INTERVAL_S)
-        _background_jobs += 1
-    try:
-        yield
-    finally:
-        with _switch_interval_lock:
-            _background_jobs -= 1
-            if _background_jobs == 0:
-                sys.setswitchinterval(_saved_switch_interval)
-
-
-@contextlib.contextmanager
-def _script_functions_as_python(packages=("e3nn.", "mace.")):
-    """Run the TorchScript functions of e3nn and mace as their Python originals.
+def make_traceable(model: torch.nn.Module) -> None:
+    """Let ``model``'s modules run TorchScript functions as Python while this module traces.
 
     Once a scripted function (e3nn's spherical harmonics, ...) has run a few times on
     CUDA, TorchScript executes it as fused kernels that bypass the operators make_fx
-    records, and the trace would freeze its outputs at the traced positions. Each such
-    function is process-wide, so any earlier MACE model may have triggered this.
+    records, and the trace would freeze its outputs at the traced positions. Each
+    submodule whose ``forward`` calls such a function gets, on this instance only, a
+    ``forward`` that, while tracing, runs the same code with the functions' Python
+    originals in place of the scripted ones; everyone else's calls, and this module's
+    outside a trace, run the class's own ``forward``. Nothing in e3nn or mace changes.
     """
-    swapped = []
-    for name, module in list(sys.modules.items()):
-        if module is None or not name.startswith(packages):
+    for module in model.modules():
+        if "forward" in vars(module) or isinstance(module, torch.jit.ScriptModule):
+            continue  # already made traceable (or given an instance forward by its owner)
+        scripted = inspect.getattr_static(type(module), "forward", None)
+        if not isinstance(scripted, types.FunctionType):
             continue
-        for attribute, value in list(vars(module).items()):
-            original = getattr(value, "_torchdynamo_inline", None)
-            if isinstance(value, torch.jit.ScriptFunction) and callable(original):
-                swapped.append((module, attribute, value))
-                setattr(module, attribute, original)
-    try:
-        yield
-    finally:
-        for module, attribute, value in swapped:
-            setattr(module, attribute, value)
+        python = _with_python_script_functions(scripted)
+        if python is not None:
+            module.forward = types.MethodType(_TracingDispatch(scripted, python), module)
+
+
+class _TracingDispatch:
+    """A forward that is ``python`` while tracing and ``scripted`` otherwise."""
+
+    #: Pickled bound to its module, a method is looked up by this name again.
+    __name__ = "forward"
+
+    def __init__(self, scripted, python):
+        self.scripted, self.python = scripted, python
+
+    def __call__(self, module, *args, **kwargs):
+        return (self.python if _TRACING.get() else self.scripted)(module, *args, **kwargs)
+
+
+def _with_python_script_functions(function):
+    """``function`` with the scripted functions it calls replaced by their Python
+    originals (a copy with its own globals), or None if it calls none."""
+    code, replacements = function.__code__, {}
+    for name in code.co_names:
+        value = function.__globals__.get(name)
+        original = getattr(value, "_torchdynamo_inline", None)
+        if isinstance(value, torch.jit.ScriptFunction) and callable(original):
+            replacements[name] = original
+    if not replacements:
+        return None
+    return types.FunctionType(code, {**function.__globals__, **replacements},
+                              function.__name__, function.__defaults__, function.__closure__)

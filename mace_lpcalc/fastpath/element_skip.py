@@ -14,22 +14,42 @@ node's own column block with its one-hot row. The block weights are read off the
 module by probing it with unit vectors and verified to reproduce it, as
 :class:`mace_lpcalc.precision.policies.IrrepBlockLinear` does for Linear layers. A caller that knows
 which elements occur (:class:`mace_lpcalc.fastpath.engine.MACEEngine`) restricts the matmul to them
-with :meth:`ElementSkip.use_elements`; by default every element of the model is used, so
-the module is a faithful replacement anywhere.
+for its own calls with :func:`elements_in_use` (a context variable: other threads and
+callers of the same model are not affected); by default every element of the model is
+used, so the module is a faithful replacement anywhere.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import logging
 
-import mace  # noqa: F401  -- before e3nn
+from mace_lpcalc import compat  # noqa: F401  -- mace before e3nn; version check
 import torch
 from e3nn import o3
 
 from mace_lpcalc.precision.policies import _flat_index, block_as_rows, rows_as_block
 
 logger = logging.getLogger(__name__)
+
+_ELEMENTS_IN_USE = contextvars.ContextVar("mace_lpcalc_elements_in_use", default=None)
+
+
+@contextlib.contextmanager
+def elements_in_use(elements):
+    """Within this block, this thread's :class:`ElementSkip` calls evaluate only these
+    element indices (one-hot columns); None: all of them.
+
+    Nodes of any other element would get a zero skip term: the caller guarantees that
+    none occur.
+    """
+    token = _ELEMENTS_IN_USE.set(None if elements is None else tuple(elements))
+    try:
+        yield
+    finally:
+        _ELEMENTS_IN_USE.reset(token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,33 +86,26 @@ class ElementSkip(torch.nn.Module):
                                                          self.n_elements)
         for index, weight in enumerate(weights):
             self.register_buffer(f"weight_{index}", weight)  # (elements, mul_in, mul_out)
-        self.use_elements(None)
 
-    def use_elements(self, elements) -> None:
-        """Evaluate only these element indices (one-hot columns); None: all of them.
-
-        Nodes of any other element would get a zero skip term: the caller guarantees that
-        none occur.
-        """
-        self.elements = tuple(range(self.n_elements)) if elements is None else tuple(elements)
-
-    def _side_by_side(self, like: torch.Tensor):
-        """Per block, the used elements' (mul_in, mul_out) matrices side by side, and their
+    def _side_by_side(self, like: torch.Tensor, elements: tuple[int, ...]):
+        """Per block, the elements' (mul_in, mul_out) matrices side by side, and their
         indices; cached per element set, device and dtype."""
-        key = (self.elements, like.device, like.dtype)
-        if getattr(self, "_cache_key", None) != key:
-            index = torch.tensor(self.elements, dtype=torch.int64, device=like.device)
+        key = (elements, like.device, like.dtype)
+        cached = getattr(self, "_cached", None)  # read once: another thread may replace it
+        if cached is None or cached[0] != key:
+            index = torch.tensor(elements, dtype=torch.int64, device=like.device)
             # Blocks no input irrep reaches (a residual first interaction maps scalars to
             # every hidden irrep) have no weights: forward writes zeros for them.
             weights = [None if block.in_start is None else
                        getattr(self, f"weight_{i}").to(like).index_select(0, index)
                        .permute(1, 0, 2).reshape(block.mul_in, -1)
                        for i, block in enumerate(self.blocks)]
-            self._cache, self._cache_key = (weights, index), key
-        return self._cache
+            cached = self._cached = (key, weights, index)
+        return cached[1], cached[2]
 
     def forward(self, x: torch.Tensor, node_attrs: torch.Tensor) -> torch.Tensor:
-        weights, element_index = self._side_by_side(x)
+        elements = _ELEMENTS_IN_USE.get() or tuple(range(self.n_elements))
+        weights, element_index = self._side_by_side(x, elements)
         rows = x.shape[0]
         one_hot = node_attrs.index_select(1, element_index)[:, None, :, None]
         pieces = []
@@ -101,7 +114,7 @@ class ElementSkip(torch.nn.Module):
                 pieces.append(x.new_zeros(rows, block.mul_out * block.ir_dim))
                 continue
             part = block_as_rows(x, self.layout, block.in_start, block.mul_in, block.ir_dim)
-            products = (part @ weight).view(rows, block.ir_dim, len(self.elements),
+            products = (part @ weight).view(rows, block.ir_dim, len(elements),
                                             block.mul_out)
             out = (products * one_hot).sum(dim=2)  # (rows, ir_dim, mul_out)
             pieces.append(rows_as_block(out, self.layout, rows, block.ir_dim, block.mul_out))

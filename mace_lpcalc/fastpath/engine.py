@@ -45,16 +45,15 @@ detect a failed evaluation.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 
 import numpy as np
 import torch
-from mace.modules import utils as mace_utils
 
-from mace_lpcalc.fastpath.compiled import DEVICE_WORK_LOCK, CompiledModelCall
-from mace_lpcalc.fastpath.element_skip import convert_element_skips
+from mace_lpcalc.fastpath.compiled import DEVICE_WORK_LOCK, CompiledModelCall, make_traceable
+from mace_lpcalc.fastpath.edge_geometry import index_select_gathers
+from mace_lpcalc.fastpath.element_skip import convert_element_skips, elements_in_use
 from mace_lpcalc.fastpath.neighbors import VerletNeighborList, _check_pbc
 
 logger = logging.getLogger(__name__)
@@ -144,7 +143,7 @@ class MACEEngine:
         self.model = model.to(self.device)
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
-        self._element_skips = convert_element_skips(self.model)
+        convert_element_skips(self.model)
         #: One-hot columns (model element indices) present in the system, padding included.
         self._elements_in_use: tuple[int, ...] | None = None
         self.dtype = _float_dtype(self.model)
@@ -167,6 +166,7 @@ class MACEEngine:
                 reference_call = lambda batch, compute_stress: _eager_model_call(  # noqa: E731
                     reference_model, _cast_floats(batch, _float_dtype(reference_model)),
                     compute_stress)
+            make_traceable(self.model)
             self.compiled = CompiledModelCall(self._eager_model_call, reference_call,
                                               background=compile_in_background)
         #: Number of CUDA graphs captured so far (each capture costs a few model calls).
@@ -450,7 +450,7 @@ class MACEEngine:
             self._out[-1] = n_edges
 
     def _eager_model_call(self, batch: dict, compute_stress: bool) -> dict:
-        with DEVICE_WORK_LOCK, _elements_in_use(self._element_skips, self._elements_in_use):
+        with DEVICE_WORK_LOCK, elements_in_use(self._elements_in_use):
             return _eager_model_call(self.model, batch, compute_stress,
                                      atomic_stresses=self.compute_atomic_stresses)
 
@@ -515,7 +515,7 @@ def _eager_model_call(model: torch.nn.Module, batch: dict, compute_stress: bool,
                  node_attrs=batch["node_attrs"].detach())
     extra = (dict(compute_edge_forces=True, compute_atomic_stresses=True) if atomic_stresses
              else {})
-    with DEVICE_WORK_LOCK, torch.enable_grad(), _gather_by_index_select():
+    with DEVICE_WORK_LOCK, torch.enable_grad(), index_select_gathers():
         return model(batch, compute_stress=compute_stress, training=False, **extra)
 
 
@@ -556,46 +556,6 @@ def _cast_floats(batch: dict, dtype: torch.dtype) -> dict:
 
 def _round_up(count: float) -> int:
     return _EDGE_CAPACITY_MULTIPLE * max(1, math.ceil(count / _EDGE_CAPACITY_MULTIPLE))
-
-
-def _edge_vectors_and_lengths(positions, edge_index, shifts, normalize: bool = False,
-                              eps: float = 1e-9):
-    """mace's ``get_edge_vectors_and_lengths`` with ``index_select`` gathers.
-
-    Same forward values. The gradient of advanced indexing (``positions[index]``) is an
-    ``index_put_`` with accumulation, which sorts the indices: about 3 ms per call at 5000
-    water atoms on an H200. ``index_select``'s gradient is an atomic ``index_add_``.
-    """
-    vectors = (positions.index_select(0, edge_index[1])
-               - positions.index_select(0, edge_index[0]) + shifts)
-    lengths = torch.linalg.norm(vectors, dim=-1, keepdim=True)
-    if normalize:
-        return vectors / (lengths + eps), lengths
-    return vectors, lengths
-
-
-@contextlib.contextmanager
-def _elements_in_use(skips, elements):
-    """Restrict the skip connections to ``elements`` for one call; others who share the
-    model (mace's calculator, another engine) see all elements again afterwards."""
-    for skip in skips:
-        skip.use_elements(elements)
-    try:
-        yield
-    finally:
-        for skip in skips:
-            skip.use_elements(None)
-
-
-@contextlib.contextmanager
-def _gather_by_index_select():
-    """Let mace's ``prepare_graph`` use :func:`_edge_vectors_and_lengths` for one call."""
-    original = mace_utils.get_edge_vectors_and_lengths
-    mace_utils.get_edge_vectors_and_lengths = _edge_vectors_and_lengths
-    try:
-        yield
-    finally:
-        mace_utils.get_edge_vectors_and_lengths = original
 
 
 def _head_index(model: torch.nn.Module, head: str | None) -> int:

@@ -32,6 +32,7 @@ import numpy as np
 from ase import Atoms, units
 from ase.md.nose_hoover_chain import IsotropicMTKNPT
 
+from mace_lpcalc.compat import mtk_state, set_mtk_state
 from mace_lpcalc.md.base import (MDProtocol, MDSettings, periodic_cell_required,
                                         setting, timestep)
 
@@ -95,21 +96,11 @@ class NPT(MDProtocol):
         if state is not None:
             # The reference cell and log-volume strain, not the current cell, define
             # the cell MTK rebuilds each step: restore them exactly.
-            dynamics._cell0 = np.array(state["cell0"])
-            dynamics._volume0 = float(state["volume0"])
-            dynamics._eps = float(state["eps"])
-            dynamics._p_eps = float(state["p_eps"])
-            for owner, names in ((dynamics._thermostat, ("_eta", "_p_eta")),
-                                 (dynamics._barostat, ("_xi", "_p_xi"))):
-                for attribute in names:
-                    setattr(owner, attribute, np.array(state[attribute.lstrip("_")]))
+            set_mtk_state(dynamics, state)
         return dynamics
 
     def dynamics_state(self, dynamics):
-        """MTK's internal variables (ASE 3.29 attribute names)."""
+        """MTK's internal variables and the damping they were built with."""
         return {"barostat_damping_fs": np.array(dynamics.barostat_damping_fs),
-                "cell0": dynamics._cell0, "volume0": np.array(dynamics._volume0),
-                "eps": np.array(dynamics._eps), "p_eps": np.array(dynamics._p_eps),
-                "eta": dynamics._thermostat._eta, "p_eta": dynamics._thermostat._p_eta,
-                "xi": dynamics._barostat._xi, "p_xi": dynamics._barostat._p_xi}
+                **{name: np.array(value) for name, value in mtk_state(dynamics).items()}}
 

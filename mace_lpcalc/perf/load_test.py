@@ -31,7 +31,7 @@ import torch
 from mace_lpcalc.calculator import package_versions
 from mace_lpcalc.md.npt import NPT, NPTSettings
 
-SHIPPED_WATER = Path(__file__).resolve().parent.parent / "systems" / "water_192_spcfw.xyz"
+SHIPPED_WATER = Path(__file__).resolve().parents[2] / "systems" / "water_192_spcfw.xyz"
 
 _MB = 2.0 ** 20
 

@@ -47,7 +47,7 @@ import itertools
 import statistics
 from pathlib import Path
 
-import mace  # noqa: F401  -- before e3nn
+from mace_lpcalc import compat  # noqa: F401  -- mace before e3nn; version check
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function, schedule

@@ -28,6 +28,7 @@ from mace_lpcalc.perf.timing import synchronize
 from mace_lpcalc.calculator import LowPrecisionMACECalculator
 from mace_lpcalc.precision.policies import POLICIES
 from mace_lpcalc.systems import water_box
+from mace_lpcalc.fastpath.compiled import shorten_switch_interval_of_this_process
 
 
 def time_setup(*, model_spec: str, device: str, n_molecules: int, policy: str,
@@ -94,4 +95,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    shorten_switch_interval_of_this_process()
     main()

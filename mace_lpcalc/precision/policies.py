@@ -38,11 +38,10 @@ import contextlib
 import copy
 import dataclasses
 
-import mace  # noqa: F401  -- before e3nn
+from mace_lpcalc import compat
+from mace_lpcalc.compat import E3nnDenseLayer, with_cueq_conv_fusion
 import torch
 from e3nn import o3
-from e3nn.nn._fc import _Layer as E3nnDenseLayer
-from mace.modules.wrapper_ops import with_cueq_conv_fusion
 
 try:
     import cuequivariance_torch as cuet
@@ -541,8 +540,8 @@ def copy_without_policy(model: torch.nn.Module) -> torch.nn.Module:
     copied_model = strip_policy(copy.deepcopy(model))
     for original, copied in zip(getattr(model, "interactions", ()),
                                 getattr(copied_model, "interactions", ())):
-        if (hasattr(original.conv_tp, "original_forward")
-                and not hasattr(copied.conv_tp, "original_forward")):
+        if (hasattr(original.conv_tp, compat.CUEQ_FUSION_MARKER)
+                and not hasattr(copied.conv_tp, compat.CUEQ_FUSION_MARKER)):
             with_cueq_conv_fusion(copied.conv_tp)
     return copied_model
 

@@ -2,8 +2,10 @@
 
 from mace_lpcalc.md.base import main
 from mace_lpcalc.md.nve import NVE, NVESettings
+from mace_lpcalc.fastpath.compiled import shorten_switch_interval_of_this_process
 
 __all__ = ["NVE", "NVESettings"]
 
 if __name__ == "__main__":
+    shorten_switch_interval_of_this_process()
     main(NVE)

@@ -2,8 +2,10 @@
 
 from mace_lpcalc.md.base import main
 from mace_lpcalc.md.nvt import NVT, NVTSettings
+from mace_lpcalc.fastpath.compiled import shorten_switch_interval_of_this_process
 
 __all__ = ["NVT", "NVTSettings"]
 
 if __name__ == "__main__":
+    shorten_switch_interval_of_this_process()
     main(NVT)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ase.io
-import mace  # noqa: F401  -- before e3nn
+from mace_lpcalc import compat  # noqa: F401  -- mace before e3nn; version check
 import numpy as np
 import torch
 from ase.stress import voigt_6_to_full_3x3_stress
