@@ -22,4 +22,4 @@ for policy in $policies; do
       --out "$out/$policy/nvt.h5" --overwrite ) > "$out/$policy.log" 2>&1 &
 done
 wait
-python3 bench/training_table.py "$out"/*/metrics.json --out "$out/training_table.json"
+python3 -m mace_lpcalc.training.table "$out"/*/metrics.json --out "$out/training_table.json"

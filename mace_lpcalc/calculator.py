@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import copy
 import glob
-import platform
 import threading
 import warnings
-from importlib import metadata
 from pathlib import Path
 
 from mace_lpcalc import compat  # noqa: F401  -- mace before e3nn; version check
@@ -25,76 +23,23 @@ import torch
 from ase.calculators.calculator import (CalculationFailed, Calculator, CalculatorSetupError,
                                         all_changes)
 from ase.data import chemical_symbols
-from ase.stress import full_3x3_to_voigt_6_stress
 from mace.calculators.mace import MACECalculator
 from mace.tools import torch_tools
 
 from mace_lpcalc.fastpath.engine import DEFAULT_SKIN_A, MACEEngine
-
+from mace_lpcalc.fastpath.mace_layout import (cell_as_mace_sees_it, fast_path_tolerance,
+                                              largest_deviation, results_like_mace)
+from mace_lpcalc.installed import (cuequivariance_kernels_available, models_on_backend,
+                                   package_versions, resolve_backend)
 from mace_lpcalc.models import ModelLoadError, load_model, model_elements, model_hash
-from mace_lpcalc.precision.auto import DEFAULT_AUTO_FORCE_BUDGET_EV_A, choose_policy
-from mace_lpcalc.precision.sentinel import Sentinel, deviations
-from mace_lpcalc.precision.policies import (apply_policy, check_device_supports, check_single_backend,
-                       copy_without_policy, get_policy, model_backend,
-                       policy_context)
+from mace_lpcalc.precision.auto import DEFAULT_AUTO_FORCE_BUDGET_EV_A
+from mace_lpcalc.precision.dtype_report import dtype_report
+from mace_lpcalc.precision.handover import PolicyHandover
+from mace_lpcalc.precision.policies import (apply_policy, check_device_supports,
+                       copy_without_policy, get_policy, policy_context)
 
-BACKENDS = ("auto", "e3nn", "cuequivariance")
-#: Largest relative deviation between the fast path and mace's path at the first call,
-#: per model dtype: both run the same (policy-transformed) model, so they differ only by
-#: summation order; a misread layout differs by order 1. "reduced": 16-bit operands or
-#: TF32 matmuls (10-bit mantissas), where a different summation order moves results by
-#: ~1e-3.
-FAST_PATH_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, "reduced": 5e-2}
 #: Forces above this (eV/Å) on any atom mean the model has left its domain; MD must stop.
 EXPLODING_FORCE_EV_A = 1.0e3
-
-
-def cuequivariance_kernels_available() -> bool:
-    """True when cuEquivariance's compiled CUDA kernels are importable."""
-    try:
-        import cuequivariance_ops_torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn ``"auto"`` into a concrete backend: cuEquivariance on CUDA when its kernels import."""
-    if backend not in BACKENDS:
-        raise CalculatorSetupError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
-    if backend == "auto":
-        use_cueq = device.type == "cuda" and cuequivariance_kernels_available()
-        return "cuequivariance" if use_cueq else "e3nn"
-    return backend
-
-
-def _convert_backend(model: torch.nn.Module, backend: str, device: str) -> torch.nn.Module:
-    """Convert a whole model between e3nn and cuEquivariance (mace's own converters)."""
-    if model_backend(model) == backend:
-        return model
-    saved_dtype = torch.get_default_dtype()  # mace's converters change the global default
-    try:
-        if backend == "cuequivariance":
-            from mace.cli.convert_e3nn_cueq import run as convert
-        else:
-            from mace.cli.convert_cueq_e3nn import run as convert
-        return convert(model, device=device).to(device)
-    finally:
-        torch.set_default_dtype(saved_dtype)
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of Python and of every package a result depends on, for provenance."""
-    from mace_lpcalc import __version__
-    versions = {"python": platform.python_version(), "mace_lpcalc": __version__}
-    for package in ("mace-torch", "torch", "e3nn", "cuequivariance-torch",
-                    "cuequivariance-ops-torch-cu12", "cuequivariance-ops-torch-cu13", "ase",
-                    "numpy", "h5py", "mdtraj", "vesin-torch"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
 
 
 def _policy_for(policy, default_dtype: str):
@@ -111,77 +56,13 @@ def _policy_for(policy, default_dtype: str):
     return policy
 
 
-#: Each engine output's unit as a power of (energy unit, length unit), and its result key.
-_RESULT_UNITS = {"energy": (1, 0), "node_energy": (1, 0), "forces": (1, -1), "stress": (1, -3),
-                 "atomic_stresses": (1, -3), "atomic_virials": (1, -3), "dipole": (0, 0)}
-_RESULT_KEYS = {"atomic_stresses": "stresses", "atomic_virials": "virials"}
-#: Results of which mace's calculator also keeps each committee member's value and the variance.
-_COMMITTEE_KEYS = ("energy", "forces", "stress", "dipole")
-
-
-def _results_like_mace(outs: list[dict], energy_unit: float, length_unit: float) -> dict:
-    """ASE results from the engines' outputs (one per committee member, each in the dtype
-    the model returned it), with the keys, units, dtypes and committee statistics of
-    mace's ``MACECalculator.calculate``."""
-    results = {}
-    for name, (energy_power, length_power) in _RESULT_UNITS.items():
-        if name not in outs[0]:
-            continue
-        members = np.stack([np.asarray(out[name]) for out in outs])
-        unit = energy_unit ** energy_power * length_unit ** length_power
-        key = _RESULT_KEYS.get(name, name)
-        mean = members.mean(axis=0)
-        results[key] = (float(mean) if name == "energy" else mean) * unit
-        if len(outs) > 1 and name in _COMMITTEE_KEYS:
-            results[f"{key}_comm"] = members * unit
-            variance = members.var(axis=0)
-            results[f"{key}_var"] = (float(variance) if name == "energy" else variance) * unit
-    if "energy" in results:
-        results["free_energy"] = results["energy"]
-    if "node_energy" in results:
-        results["energies"] = results["node_energy"].copy()
-        results["node_energy"] -= outs[0]["node_e0"] * energy_unit  # in place, as mace does
-    if "stress" in results:
-        results["stress"] = full_3x3_to_voigt_6_stress(results["stress"])
-    if "stresses" in results:
-        results["stresses"] = np.asarray([full_3x3_to_voigt_6_stress(stress)
-                                          for stress in results["stresses"]])
-    return results
-
-
-def _cell_as_mace_sees_it(cell: np.ndarray, pbc: np.ndarray, positions: np.ndarray,
-                          r_max: float) -> np.ndarray:
-    """The cell mace's calculator hands its model (``mace.data.neighborhood``): each open
-    direction gets a long axis vector. It changes only the stress of systems that are not
-    fully periodic (through the volume), which then equals mace's."""
-    if pbc.all():
-        return cell
-    cell = cell.copy() if cell.any() else np.identity(3)
-    extent = (np.abs(positions).max() + 1) * 5 * r_max
-    for axis in np.flatnonzero(~pbc):
-        cell[axis] = extent * np.identity(3)[axis]
-    return cell
-
-
-def _largest_deviation(results: dict, reference: dict) -> float:
-    """Largest relative L2 difference over the results both have (energy, forces, ...)."""
-    deviations = [0.0]
-    for key in ("energy", "forces", "stress", "dipole", "node_energy"):
-        if key in results and key in reference:
-            difference = np.asarray(results[key], dtype=np.float64) - reference[key]
-            # The floor keeps an exact zero (a lone atom's forces) from dividing by zero.
-            scale = np.linalg.norm(np.asarray(reference[key], dtype=np.float64)) + 1e-3
-            deviations.append(float(np.linalg.norm(difference) / scale))
-    return max(deviations)
-
-
 #: torch's default dtype (which mace's data pipeline reads) and the CUDA matmul flags a
 #: policy needs are process-wide: a calculation sets them for its duration, so two
 #: calculators of different policies in two threads calculate one at a time.
 _PROCESS_DEFAULTS_LOCK = threading.RLock()
 
 
-class LowPrecisionMACECalculator(MACECalculator):
+class LowPrecisionMACECalculator(PolicyHandover, MACECalculator):
     """A MACE ASE calculator that runs a named precision policy on e3nn or cuEquivariance.
 
     Accepts every keyword of mace's ``MACECalculator`` and returns the same result keys,
@@ -209,7 +90,7 @@ class LowPrecisionMACECalculator(MACECalculator):
             mace's path; ``parameters["fast_path_status"]`` says which path runs and why.
         verify_fast_path: at the first call, evaluate the structure on mace's path too
             and step aside if the fast path disagrees beyond rounding
-            (:data:`FAST_PATH_TOLERANCE`).
+            (:data:`mace_lpcalc.fastpath.mace_layout.FAST_PATH_TOLERANCE`).
         skin_A: Verlet skin of the fast path's neighbour list, Å. It does not change the
             results (the model sees only edges inside the cutoff), only how often the
             list is rebuilt.
@@ -250,13 +131,7 @@ class LowPrecisionMACECalculator(MACECalculator):
                  sentinel_every: int = 0, sentinel_force_budget_eV_A: float | None = None,
                  sentinel_action: str = "warn", sentinel_fallback_policy: str = "fp32",
                  auto_force_budget_eV_A: float = DEFAULT_AUTO_FORCE_BUDGET_EV_A, **kwargs):
-        # "auto" builds as fp32 and decides at the first call, which brings the structure.
-        self._auto_budget = float(auto_force_budget_eV_A) if policy == "auto" else None
-        if self._auto_budget is not None:
-            if not self._auto_budget > 0:
-                raise CalculatorSetupError(f"auto_force_budget_eV_A must be positive, got "
-                                           f"{auto_force_budget_eV_A}")
-            policy = "fp32"
+        policy = self._set_up_auto(policy, auto_force_budget_eV_A)
         try:
             self.policy = get_policy(_policy_for(policy, default_dtype))
         except ValueError as err:
@@ -266,16 +141,8 @@ class LowPrecisionMACECalculator(MACECalculator):
         self.max_force_eV_A = float("inf") if max_force_eV_A is None else float(max_force_eV_A)
         if not self.max_force_eV_A > 0:
             raise CalculatorSetupError(f"max_force_eV_A must be positive, got {max_force_eV_A}")
-        try:
-            self.sentinel = Sentinel(sentinel_every, sentinel_force_budget_eV_A,
-                                     sentinel_action) if sentinel_every else None
-            self._fallback_policy = get_policy(sentinel_fallback_policy)
-        except ValueError as err:
-            raise CalculatorSetupError(str(err)) from None
-        # A calculator of another policy that serves every call: the sentinel's fallback,
-        # or the policy "auto" chose.
-        self._delegate: LowPrecisionMACECalculator | None = None
-        self._fallen_back = False
+        self._set_up_sentinel(sentinel_every, sentinel_force_budget_eV_A, sentinel_action,
+                              sentinel_fallback_policy)
         self._reference: LowPrecisionMACECalculator | None = None
         if enable_cueq:
             if backend not in ("auto", "cuequivariance"):
@@ -303,26 +170,11 @@ class LowPrecisionMACECalculator(MACECalculator):
         self._hashes = [model_hash(model) for model in models]
         # The sentinel's fp64 reference and a fallback are built from the models as given.
         self._model_sources = [copy.deepcopy(model) for model in models] \
-            if self.sentinel is not None or self._auto_budget is not None else None
+            if self._builds_siblings else None
         self._setup = dict(device=device, mace_kwargs=kwargs)
-        prepared = []
-        for model in models:
-            try:
-                check_single_backend(model)
-            except ValueError as err:
-                raise CalculatorSetupError(str(err)) from None
-            model = model.to(self.policy.model_dtype)
-            try:
-                prepared.append(_convert_backend(model, self.backend, torch_device.type))
-            except Exception as err:  # noqa: BLE001 -- mace's converters raise anything
-                problem = (f"mace's converter to {self.backend} cannot convert this "
-                           f"{type(model).__name__} ({type(err).__name__}: {err})")
-                if backend != "auto" or model_backend(model) != "e3nn":
-                    raise CalculatorSetupError(problem) from None
-                warnings.warn(f"LowPrecisionMACECalculator: {problem}; running it on e3nn",
-                              RuntimeWarning, stacklevel=2)
-                self.backend = "e3nn"
-                prepared.append(model)
+        prepared, self.backend = models_on_backend(
+            models, self.backend, dtype=self.policy.model_dtype, device_type=torch_device.type,
+            auto=backend == "auto")
         saved_dtype = torch.get_default_dtype()
         try:
             super().__init__(models=prepared, device=device,
@@ -367,11 +219,7 @@ class LowPrecisionMACECalculator(MACECalculator):
             compile_model=bool(compile_model),
             compile_in_background=bool(compile_model and compile_in_background),
             versions=package_versions(),
-            sentinel=None if self.sentinel is None else {
-                "every": self.sentinel.every,
-                "force_budget_eV_A": self.sentinel.force_budget_eV_A,
-                "action": self.sentinel.action,
-                "fallback_policy": self._fallback_policy.name},
+            sentinel=self._sentinel_settings(),
         )
 
     @property
@@ -439,7 +287,7 @@ class LowPrecisionMACECalculator(MACECalculator):
     def calculate(self, atoms=None, properties=None, system_changes=all_changes):
         properties = properties or ["energy"]
         if self._auto_budget is not None:
-            self._choose_policy(atoms)
+            self._choose_policy(atoms, self._setup["device"])
         if self._delegate is not None:
             Calculator.calculate(self, atoms)
             self._delegate.calculate(self.atoms, properties, all_changes)
@@ -461,52 +309,6 @@ class LowPrecisionMACECalculator(MACECalculator):
             if not self.engines:
                 super().calculate(atoms, properties, system_changes)
         self._check_results()
-
-    def _choose_policy(self, atoms) -> None:
-        Calculator.calculate(self, atoms)
-        self.check_atoms(self.atoms)
-        self._auto_budget, budget = None, self._auto_budget
-        built = {}  # fresh calculators, so that the trial calls touch none of this one's state
-
-        def build(name):
-            if name not in built:
-                built[name] = self._sibling(name)
-            return built[name]
-
-        chosen, evidence = choose_policy(build, self.atoms, device=self._setup["device"],
-                                         force_budget_eV_A=budget)
-        if chosen != self.policy.name:
-            self._delegate = built[chosen]
-        self.parameters.update(policy=chosen, policy_decision=evidence)
-
-    def _watch(self, properties) -> None:
-        """The sentinel's check of this evaluation, if due, and its action."""
-        sentinel = self.sentinel
-        if sentinel.due():
-            reference = self._sibling("fp64")
-            reference.calculate(self.atoms, properties, all_changes)
-            running = self._delegate.policy if self._delegate is not None else self.policy
-            record = sentinel.record(running.name, deviations(self.results, reference.results,
-                                                              len(self.atoms)),
-                                     fallen_back=self._fallen_back)
-            if record.action == "stop":
-                raise CalculationFailed(sentinel.describe(record) + "; stopping (sentinel_action="
-                                        "'stop')")
-            if record.action == "warn":
-                warnings.warn(sentinel.describe(record), RuntimeWarning, stacklevel=3)
-            if record.action == "fallback":
-                self._fall_back(record, properties)
-        sentinel.evaluations += 1
-
-    def _fall_back(self, record, properties) -> None:
-        policy = self._fallback_policy.name
-        self._delegate, self._fallen_back = self._sibling(policy), True
-        self._delegate.calculate(self.atoms, properties, all_changes)
-        self.results = dict(self._delegate.results)
-        self.parameters["sentinel_fallback"] = {"evaluation": record.evaluation,
-                                                "from": record.policy, "to": policy}
-        warnings.warn(f"{self.sentinel.describe(record)}; switching to policy {policy} for "
-                      "the rest of the run", RuntimeWarning, stacklevel=4)
 
     def _sibling(self, policy: str) -> LowPrecisionMACECalculator:
         """A calculator of the same model under ``policy``: fp64 is the reference, on
@@ -541,9 +343,8 @@ class LowPrecisionMACECalculator(MACECalculator):
             self._verify_fast_path = False
             fast = self.results
             MACECalculator.calculate(self, self.atoms.copy(), properties)
-            deviation = _largest_deviation(fast, self.results)
-            reduced = self.policy.reduced_dtypes or self.policy.allow_tf32
-            tolerance = FAST_PATH_TOLERANCE["reduced" if reduced else self.policy.model_dtype]
+            deviation = largest_deviation(fast, self.results)
+            tolerance = fast_path_tolerance(self.policy)
             if not deviation <= tolerance:  # NaN too
                 self._step_aside(f"at the first call it differed from mace's path by "
                                  f"{deviation:.2e} (relative; tolerance {tolerance:g})")
@@ -565,11 +366,11 @@ class LowPrecisionMACECalculator(MACECalculator):
         # defaults there is none, and the charges are zero).
         charges_array = self.arrays_keys.get("charges")
         charges = atoms.arrays.get(charges_array) if charges_array else None
-        cell = _cell_as_mace_sees_it(atoms.cell.array, atoms.pbc, atoms.positions, self.r_max)
+        cell = cell_as_mace_sees_it(atoms.cell.array, atoms.pbc, atoms.positions, self.r_max)
         outs = [engine.compute(atoms.positions, atoms.numbers, cell, atoms.pbc,
                                compute_stress=wanted, charges=charges)
                 for engine in self.engines]
-        self.results = _results_like_mace(outs, self.energy_units_to_eV, self.length_units_to_A)
+        self.results = results_like_mace(outs, self.energy_units_to_eV, self.length_units_to_A)
 
     def _check_results(self) -> None:
         energy, forces = self.results.get("energy"), self.results.get("forces")
@@ -597,44 +398,5 @@ class LowPrecisionMACECalculator(MACECalculator):
         atoms = atoms if atoms is not None else self.atoms
         if atoms is None:
             raise ValueError("precision_report needs atoms (none given and none calculated yet)")
-        model = self.models[0]
-        rows: dict[str, dict] = {}
-        handles = []
-
-        def floating_dtypes(values):
-            found = []
-            for value in values if isinstance(values, (tuple, list)) else (values,):
-                if torch.is_tensor(value) and value.is_floating_point():
-                    found.append(str(value.dtype).replace("torch.", ""))
-            return sorted(set(found))
-
-        def record(name):
-            def hook(module, inputs, output):
-                rows.setdefault(name, {
-                    "module": name,
-                    "type": type(module).__name__,
-                    "input_dtypes": floating_dtypes(inputs),
-                    "output_dtypes": floating_dtypes(output),
-                    "parameter_dtypes": sorted({str(p.dtype).replace("torch.", "")
-                                                for p in module.parameters(recurse=False)}),
-                })
-            return hook
-
-        def record_outputs(module, inputs, output):
-            for quantity in ("energy", "forces", "stress"):
-                if torch.is_tensor(output.get(quantity)):
-                    rows[f"output:{quantity}"] = {
-                        "module": f"output:{quantity}", "type": "model output",
-                        "input_dtypes": [], "parameter_dtypes": [],
-                        "output_dtypes": floating_dtypes(output[quantity])}
-
-        for name, module in model.named_modules():
-            if name and not isinstance(module, (torch.nn.ModuleList, torch.jit.ScriptModule)):
-                handles.append(module.register_forward_hook(record(name)))
-        handles.append(model.register_forward_hook(record_outputs))
-        try:
-            self.calculate(atoms.copy(), ["energy", "forces"], all_changes)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return list(rows.values())
+        return dtype_report(self.models[0], lambda: self.calculate(
+            atoms.copy(), ["energy", "forces"], all_changes))

@@ -11,7 +11,7 @@ from mace.calculators import MACECalculator
 from scipy.spatial.transform import Rotation
 
 from mace_lpcalc import LowPrecisionMACECalculator
-from mace_lpcalc.md.base import build_calculator
+from mace_lpcalc.md.inputs import build_calculator
 from mace_lpcalc.md.nvt import NVTSettings
 from mace_lpcalc.precision.policies import POLICIES
 

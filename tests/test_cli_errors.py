@@ -18,8 +18,8 @@ import torch
 from ase import Atoms
 from ase.build import molecule
 
-from mace_lpcalc.md import base
-from mace_lpcalc.md.base import checkpoint_path
+from mace_lpcalc.md import cli
+from mace_lpcalc.md.checkpoint import checkpoint_path
 from mace_lpcalc.md.npt import NPT
 from mace_lpcalc.md.nvt import NVT
 from mace_lpcalc.md.trajectory import TrajectoryWriter, read_trajectory
@@ -33,14 +33,14 @@ def files(water_files):
     of them (done.h5)."""
     folder = water_files[0].parent
     run = folder / "done.h5"
-    base.main(NVT, [str(folder / "water.xyz"), "--model", str(folder / "tiny.model"),
+    cli.main(NVT, [str(folder / "water.xyz"), "--model", str(folder / "tiny.model"),
                     "--steps", "4", "--log-every", "2", "--out", str(run)])
     return folder
 
 
 def _error_of(protocol, argv) -> str:
     with pytest.raises(SystemExit) as raised:
-        base.main(protocol, [str(arg) for arg in argv])
+        cli.main(protocol, [str(arg) for arg in argv])
     message = str(raised.value.code)
     assert message.startswith(f"python -m mace_lpcalc.protocols.{protocol.name}: error: ")
     assert "\n" not in message and "Traceback" not in message
@@ -114,7 +114,7 @@ def test_an_output_directory_that_cannot_be_made_is_named_before_any_setup(files
     message = _error_of(NVT, _run_args(files, out=tmp_path / "taken" / "run.h5"))
     assert "taken is a file, not a directory" in message
     made = tmp_path / "new" / "folder" / "run.h5"
-    base.main(NVT, [str(arg) for arg in _run_args(files, out=made)])
+    cli.main(NVT, [str(arg) for arg in _run_args(files, out=made)])
     assert read_trajectory(made)["step"][-1] == 4
 
 

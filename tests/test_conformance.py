@@ -277,13 +277,13 @@ def test_an_unreadable_layout_makes_the_fast_path_step_aside(monkeypatch):
     mace's path's results, and the reason in ``parameters``."""
     import mace_lpcalc.fastpath.engine as engine_module
 
-    original = engine_module._eager_model_call
+    original = engine_module.eager_model_call
 
     def wrong(model, batch, compute_stress, atomic_stresses=False):
         output = original(model, batch, compute_stress, atomic_stresses)
         return dict(output, forces=output["forces"] * 1.5)  # e.g. permuted channels
 
-    monkeypatch.setattr(engine_module, "_eager_model_call", wrong)
+    monkeypatch.setattr(engine_module, "eager_model_call", wrong)
     reference = _reference("L2")["bulk"]
     calc = LowPrecisionMACECalculator(models=_model("L2"), device=DEVICE, policy="fp64",
                                       fast_path=True)

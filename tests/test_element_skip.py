@@ -9,7 +9,7 @@ import torch
 from e3nn import o3
 from mace.calculators import MACECalculator
 
-from mace_lpcalc.calculator import _convert_backend
+from mace_lpcalc.installed import _convert_backend
 from mace_lpcalc.fastpath.element_skip import ElementSkip, convert_element_skips, elements_in_use
 from mace_lpcalc.fastpath.engine import MACEEngine
 from mace_lpcalc.models import build_tiny_model

@@ -8,8 +8,9 @@ from e3nn import o3
 from mace.tools.cg import O3_e3nn
 
 from mace_lpcalc.models import build_tiny_model
-from mace_lpcalc.precision.policies import (IrrepBlockLinear, apply_policy, check_single_backend,
-                                  get_policy, model_backend, strip_policy)
+from mace_lpcalc.precision.backends import check_single_backend, model_backend
+from mace_lpcalc.precision.casting import IrrepBlockLinear
+from mace_lpcalc.precision.policies import apply_policy, get_policy, strip_policy
 
 IRREPS = [("8x0e + 8x0e + 8x1o + 4x1o + 8x2e", "6x0e + 5x1o + 3x2e"),  # several sources
           ("4x0e + 4x1o", "4x0e + 4x1o + 2x2e")]                       # an unreachable output
@@ -129,7 +130,7 @@ def test_fused_convolution_takes_16bit_radial_weights_with_unchanged_results(wat
     from ase.calculators.calculator import all_changes
 
     from mace_lpcalc.calculator import LowPrecisionMACECalculator
-    from mace_lpcalc.precision.policies import unfeed_16bit_radial_weights
+    from mace_lpcalc.precision.backends import unfeed_16bit_radial_weights
 
     calc = LowPrecisionMACECalculator(models=build_tiny_model(dtype=torch.float32),
                                       device="cuda", policy="fp32-linear-bf16",

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mace_lpcalc.perf import profile as prof
+from mace_lpcalc.perf import profile_attribution as attribution
 from mace_lpcalc.calculator import LowPrecisionMACECalculator
 from mace_lpcalc.models import build_tiny_model
 from mace_lpcalc.systems import water_box
@@ -57,7 +58,7 @@ def test_rows_are_the_models_blocks(fp32_profile):
         if row["module"] is not None:  # a real block: its row is its module name (no wrappers)
             assert row["module"] == row["block"] and row["module"] in module_names
     synthetic = {name for name, row in rows.items() if row["module"] is None}
-    assert synthetic == {prof.OUTSIDE_MODEL, "model (other)", prof.BACKWARD,
+    assert synthetic == {attribution.OUTSIDE_MODEL, "model (other)", attribution.BACKWARD,
                          "interactions.0 (other)", "interactions.1 (other)",
                          "products.0 (other)", "products.1 (other)"}
     # Every direct child of an interaction or product is timed, so nothing hides in a group.
@@ -81,7 +82,7 @@ def test_calls_and_host_times_partition_the_call(fp32_profile):
     assert per_call_sum <= whole["profiled_wall_ms"] * 1.001 + 1e-3
     assert per_call_sum == pytest.approx(whole["profiled_wall_ms"], rel=1e-6)
     # The backward (force) pass and the convolution do real work on every call.
-    assert rows[prof.BACKWARD]["host_ms_per_call"] > 0
+    assert rows[attribution.BACKWARD]["host_ms_per_call"] > 0
     assert rows["interactions.0.conv_tp"]["host_ms_per_call"] > 0
     assert whole["device_ms"] is None and whole["verdict"] == "no device (CPU run)"
 
@@ -104,27 +105,27 @@ def test_block_ranges_removes_its_hooks(fp32_profile, atoms):
     (None, 3.0, "no device (CPU run)"),
 ])
 def test_verdict_threshold(device_ms, wall_ms, verdict):
-    assert prof.bound_verdict(device_ms, wall_ms) == verdict
+    assert attribution.bound_verdict(device_ms, wall_ms) == verdict
 
 
 def test_verdict_rejects_bad_numbers():
     with pytest.raises(ValueError, match="wall time"):
-        prof.bound_verdict(1.0, 0.0)
+        attribution.bound_verdict(1.0, 0.0)
     with pytest.raises(ValueError, match="device time"):
-        prof.bound_verdict(-1.0, 2.0)
+        attribution.bound_verdict(-1.0, 2.0)
     with pytest.raises(ValueError, match="threshold"):
-        prof.bound_verdict(1.0, 2.0, threshold=1.5)
+        attribution.bound_verdict(1.0, 2.0, threshold=1.5)
 
 
 def test_interval_union_and_coverage():
-    merged = prof.merge_intervals([(5, 7), (0, 2), (1, 3), (3, 4), (10, 11)])
+    merged = attribution.merge_intervals([(5, 7), (0, 2), (1, 3), (3, 4), (10, 11)])
     assert merged == [(0, 4), (5, 7), (10, 11)]
-    coverage = prof._Coverage(merged)
+    coverage = attribution._Coverage(merged)
     assert coverage.within(-5, 20) == 7
     assert coverage.within(1, 6) == 3 + 1
     assert coverage.within(7, 10) == 0
     with pytest.raises(ValueError, match="ends before"):
-        prof.merge_intervals([(2, 1)])
+        attribution.merge_intervals([(2, 1)])
 
 
 def test_wrapped_modules_keep_plain_names(atoms):
@@ -176,7 +177,7 @@ def test_cli_writes_json_and_trace(tmp_path, capsys):
     blocks = [row["block"] for row in result["rows"]]
     assert len(blocks) == len(set(blocks)) and "interactions.1.conv_tp" in blocks
     assert "CPU run" in printed and "interactions.1.conv_tp" in printed
-    assert any(event.get("name") == prof.RANGE_PREFIX + "interactions.0.conv_tp"
+    assert any(event.get("name") == attribution.RANGE_PREFIX + "interactions.0.conv_tp"
                for event in json.loads(trace.read_text())["traceEvents"])
 
 

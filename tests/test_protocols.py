@@ -20,8 +20,8 @@ from ase.calculators.emt import EMT
 from scipy import stats
 
 from mace_lpcalc.fastpath import compiled
-from mace_lpcalc.md.base import (Checkpoint, checkpoint_path, read_settings_file,
-                                        settings_from_command_line)
+from mace_lpcalc.md.checkpoint import Checkpoint, checkpoint_path
+from mace_lpcalc.md.cli import read_settings_file, settings_from_command_line
 from mace_lpcalc.md.npt import NPT, NPTSettings, mtk_barostat_damping_fs
 from mace_lpcalc.md.nve import NVE, NVESettings
 from mace_lpcalc.md.nvt import NVT, NVTSettings

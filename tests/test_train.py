@@ -1,6 +1,9 @@
 """Training pipeline (policies, loss scaling, determinism, metrics) and the shipped water model."""
 
 import copy
+import gzip
+import json
+import shutil
 from pathlib import Path
 
 import ase.io
@@ -16,13 +19,10 @@ from mace.tools.torch_geometric.dataloader import DataLoader
 from mace_lpcalc import LowPrecisionMACECalculator
 from mace_lpcalc.models import build_tiny_model, load_model, model_elements, model_hash
 from mace_lpcalc.systems import molecule_ids, water_box
-from mace_lpcalc.training.train import (
-    Trainer,
-    intra_inter_forces,
-    make_split,
-    prepare_model,
-    train,
-)
+from mace_lpcalc.training.data import make_split
+from mace_lpcalc.training.metrics import intra_inter_forces
+from mace_lpcalc.training import table as training_table
+from mace_lpcalc.training.train import Trainer, prepare_model, train
 from mace_lpcalc.precision.training import TRAINING_POLICIES, get_training_policy
 
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "systems" / "water_mace.model"
@@ -160,6 +160,21 @@ def test_training_is_deterministic_and_reports_true_rmse(water_files, tmp_path):
         1e3 * np.sqrt(np.mean(np.square(force_errors))), rel=1e-3)
     assert reported["forces_intra_rmse_meV_A"] ** 2 + reported["forces_inter_rmse_meV_A"] ** 2 \
         == pytest.approx(reported["forces_rmse_meV_A"] ** 2, rel=0.3)
+    # The training table re-evaluates a saved model in its folder's policy and collects it.
+    data, run = tmp_path / "data", tmp_path / "table" / "fp32"
+    data.mkdir()
+    run.mkdir(parents=True)
+    for split in ("valid", "test"):
+        with open(water_files[split], "rb") as source, gzip.open(data / f"{split}.xyz.gz", "wb") as gz:
+            shutil.copyfileobj(source, gz)
+    shutil.copy(tmp_path / "a" / "best.model", run / "best.model")
+    training_table.main(["--evaluate", str(run), "--data", str(data),
+                         "--out", str(tmp_path / "table.json")])
+    row, = json.loads((tmp_path / "table.json").read_text())["rows"]
+    assert row["policy"] == "fp32" and row["nvt"] == "did not run"
+    assert row["test_energy_rmse_meV_per_atom"] == pytest.approx(
+        reported["energy_rmse_meV_per_atom"], rel=1e-4)
+    assert row["test_forces_rmse_meV_A"] == pytest.approx(reported["forces_rmse_meV_A"], rel=1e-4)
 
 
 @pytest.fixture(scope="module")

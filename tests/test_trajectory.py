@@ -10,8 +10,8 @@ from ase import Atoms, units
 from ase.build import molecule
 
 from mace_lpcalc.systems import water_box, water_density_g_cm3
-from mace_lpcalc.md.trajectory import (UNITS, Frame, TrajectoryError, TrajectoryWriter,
-                                    frame_from_atoms, read_trajectory)
+from mace_lpcalc.md.frames import Frame, frame_from_atoms
+from mace_lpcalc.md.trajectory import UNITS, TrajectoryError, TrajectoryWriter, read_trajectory
 
 METADATA = {"protocol": "nvt", "settings": {"temperature_K": 300.0, "steps": 4},
             "model_hash": "abc123", "policy": "fp64", "backend": "e3nn",

@@ -12,7 +12,7 @@ for a system that contains two of them.
 block's features with the weights of the elements in use side by side, then picks each
 node's own column block with its one-hot row. The block weights are read off the original
 module by probing it with unit vectors and verified to reproduce it, as
-:class:`mace_lpcalc.precision.policies.IrrepBlockLinear` does for Linear layers. A caller that knows
+:class:`mace_lpcalc.precision.casting.IrrepBlockLinear` does for Linear layers. A caller that knows
 which elements occur (:class:`mace_lpcalc.fastpath.engine.MACEEngine`) restricts the matmul to them
 for its own calls with :func:`elements_in_use` (a context variable: other threads and
 callers of the same model are not affected); by default every element of the model is
@@ -30,7 +30,7 @@ from mace_lpcalc import compat  # noqa: F401  -- mace before e3nn; version check
 import torch
 from e3nn import o3
 
-from mace_lpcalc.precision.policies import _flat_index, block_as_rows, rows_as_block
+from mace_lpcalc.precision.casting import _flat_index, block_as_rows, rows_as_block
 
 logger = logging.getLogger(__name__)
 

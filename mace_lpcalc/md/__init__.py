@@ -15,7 +15,7 @@ import importlib
 
 #: Protocol class name -> defining module. Imported on first access, so that
 #: ``python -m mace_lpcalc.protocols.nvt`` does not import the md module twice.
-_EXPORTS = {"MDProtocol": "base", "MDSettings": "base", "build_calculator": "base",
+_EXPORTS = {"MDProtocol": "base", "MDSettings": "base", "build_calculator": "inputs",
             "NVT": "nvt", "NVTSettings": "nvt", "NPT": "npt", "NPTSettings": "npt",
             "NVE": "nve", "NVESettings": "nve"}
 

@@ -1,11 +1,12 @@
-"""What every MD protocol shares: settings, the calculator, the trajectory, checkpoints.
+"""What every MD protocol shares: its settings and the one MD loop, which writes the
+trajectory and the checkpoints.
 
 An ensemble (:mod:`.nvt`, :mod:`.npt`, :mod:`.nve`) only builds its ASE integrator and
 says how to save and restore that integrator's internal state; :class:`MDProtocol`
 does the rest:
 
-1. read the structure (or the checkpoint, when resuming) and check it,
-2. build the calculator (:func:`build_calculator`) and evaluate the first forces,
+1. read the structure (or the checkpoint, when resuming) and check it (:mod:`.inputs`),
+2. build the calculator (:func:`~.inputs.build_calculator`) and evaluate the first forces,
    so a bad structure or an unknown element fails before any file is written,
 3. log a frame every ``log_every`` steps to the trajectory (:mod:`mace_lpcalc.md.trajectory`),
    stopping with ``CalculationFailed`` at the first non-finite or exploding force,
@@ -13,7 +14,9 @@ does the rest:
    seconds of wall time, and at the end,
 5. report progress (:mod:`.progress`): a bar on a terminal, plain lines in a log file.
 
-A checkpoint (``run.checkpoint.npz`` beside ``run.h5``, replaced atomically) holds the
+The command line that builds settings and runs a protocol is :mod:`.cli`.
+
+A checkpoint (:mod:`.checkpoint`, ``run.checkpoint.npz`` beside ``run.h5``) holds the
 positions, momenta, cell, step and the integrator's internal state, random generator
 included, so a run killed at any moment resumes with ``resume=True`` exactly where an
 uninterrupted run would be (bit for bit where the calculator is deterministic, as on
@@ -24,42 +27,30 @@ file holds every frame once.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import errno
-import io
-import json
-import os
 import sys
 import time
-import zipfile
 from pathlib import Path
 from typing import ClassVar
 
-import ase.io
 import numpy as np
 import torch
 from ase import Atoms, units
-from ase.calculators.calculator import CalculationFailed, CalculatorSetupError
+from ase.calculators.calculator import CalculationFailed
 from ase.md.md import MolecularDynamics
 from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_momenta
 
-from mace_lpcalc.calculator import (BACKENDS, EXPLODING_FORCE_EV_A, LowPrecisionMACECalculator,
-                                    package_versions)
+from mace_lpcalc.calculator import EXPLODING_FORCE_EV_A
+from mace_lpcalc.installed import BACKENDS, package_versions
 from mace_lpcalc.precision.auto import DEFAULT_AUTO_FORCE_BUDGET_EV_A
-from mace_lpcalc.models import build_tiny_model, default_model_path
 from mace_lpcalc.precision.policies import POLICIES
+from mace_lpcalc.md.checkpoint import Checkpoint, checkpoint_path
+from mace_lpcalc.md.inputs import build_calculator, prepare_output_directory, read_structure
 from mace_lpcalc.md.progress import RunProgress, ns_per_day
 from mace_lpcalc.precision.sentinel import SENTINEL_ACTIONS
-from mace_lpcalc.md.trajectory import (TrajectoryData, TrajectoryWriter,
-                                    frame_from_atoms, is_periodic, read_trajectory)
+from mace_lpcalc.md.frames import TrajectoryData, frame_from_atoms, is_periodic
+from mace_lpcalc.md.trajectory import TrajectoryWriter, read_trajectory
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
-CHECKPOINT_FORMAT = "mace_lpcalc.checkpoint"
 _FS_PER_PS = 1000.0
 
 
@@ -151,122 +142,8 @@ class MDSettings:
         return dataclasses.asdict(self)
 
 
-def checkpoint_path(trajectory_path) -> Path:
-    """Where the checkpoint of the run writing ``trajectory_path`` lives."""
-    path = Path(trajectory_path)
-    return path.with_name(path.stem + ".checkpoint.npz")
-
-
-def read_structure(path) -> Atoms:
-    """Read the last image of a structure file, naming the file in every error."""
-    path = Path(path)
-    if not str(path) or not path.is_file():
-        raise FileNotFoundError(f"structure file not found: {path}")
-    try:
-        atoms = ase.io.read(path)
-    except Exception as err:  # noqa: BLE001 -- ase.io raises many types for bad files
-        raise ValueError(f"cannot read structure file {path}: "
-                         f"{type(err).__name__}: {err}") from err
-    if not isinstance(atoms, Atoms) or len(atoms) == 0:
-        raise ValueError(f"structure file {path} holds no atoms")
-    if atoms.constraints:
-        raise ValueError(f"structure file {path} carries constraints, which the protocols "
-                         "do not support")
-    return atoms
-
-
-def build_calculator(settings: MDSettings) -> LowPrecisionMACECalculator:
-    """The MACE calculator a run uses; prints which model it loaded."""
-    common = {"device": settings.device, "policy": settings.policy,
-              "backend": settings.backend, "compile_model": settings.compile_model,
-              "max_force_eV_A": settings.max_force_eV_A,
-              "auto_force_budget_eV_A": settings.auto_force_budget_eV_A,
-              "sentinel_every": settings.sentinel_every,
-              "sentinel_force_budget_eV_A": settings.sentinel_force_budget_eV_A,
-              "sentinel_action": settings.sentinel_action,
-              "sentinel_fallback_policy": settings.sentinel_fallback_policy}
-    model_path = settings.model or default_model_path()
-    if model_path is not None:
-        print(f"model: {model_path}", file=sys.stderr)
-        return LowPrecisionMACECalculator(model_paths=str(model_path), **common)
-    print("model: tiny random-weight MACE built in code (no shipped model found; "
-          "its forces have no physical meaning)", file=sys.stderr)
-    return LowPrecisionMACECalculator(models=build_tiny_model(), **common)
-
-
-def _prepare_output_directory(out: Path) -> None:
-    """Create the directory of ``out`` if needed; refuse one that cannot be written to,
-    before any expensive set-up."""
-    blocking = next((folder for folder in (out.parent, *out.parent.parents)
-                     if folder.exists() and not folder.is_dir()), None)
-    if blocking is not None:
-        raise NotADirectoryError(errno.ENOTDIR, f"cannot write {out}: {blocking} is a file, "
-                                                "not a directory")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OSError(err.errno, f"cannot create the output directory of {out}: "
-                                 f"{err.strerror}") from None
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, f"the output directory {out.parent} is not "
-                                            "writable")
-
-
 def _versions(calculator) -> dict:
     return getattr(calculator, "parameters", {}).get("versions") or package_versions()
-
-
-@dataclasses.dataclass
-class Checkpoint:
-    """A run's resumable state at ``step``."""
-
-    protocol: str
-    settings: dict
-    model_hash: str
-    step: int
-    atoms: Atoms
-    dynamics_state: dict
-
-    def save(self, path) -> None:
-        """Write atomically: a fsynced temporary file renamed over ``path``."""
-        arrays = {"format": CHECKPOINT_FORMAT, "protocol": self.protocol,
-                  "settings": json.dumps(self.settings), "model_hash": self.model_hash,
-                  "step": self.step, "numbers": self.atoms.numbers,
-                  "positions": self.atoms.positions, "momenta": self.atoms.get_momenta(),
-                  "masses": self.atoms.get_masses(), "cell": np.array(self.atoms.cell),
-                  "pbc": self.atoms.pbc}
-        arrays.update({f"state/{key}": value for key, value in self.dynamics_state.items()})
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        path = Path(path)
-        temporary = path.with_name(path.name + ".tmp")
-        with open(temporary, "wb") as handle:
-            handle.write(buffer.getvalue())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-
-    @classmethod
-    def load(cls, path) -> Checkpoint:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint {path} to resume from")
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                if str(data["format"]) != CHECKPOINT_FORMAT:
-                    raise ValueError("wrong format marker")
-                atoms = Atoms(numbers=data["numbers"], positions=data["positions"],
-                              cell=data["cell"], pbc=data["pbc"], masses=data["masses"],
-                              momenta=data["momenta"])
-                state = {key.removeprefix("state/"): data[key] for key in data.files
-                         if key.startswith("state/")}
-                return cls(protocol=str(data["protocol"]),
-                           settings=json.loads(str(data["settings"])),
-                           model_hash=str(data["model_hash"]), step=int(data["step"]),
-                           atoms=atoms, dynamics_state=state)
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-            raise ValueError(f"{path} is not a readable mace_lpcalc checkpoint "
-                             f"({type(err).__name__}: {err})") from err
 
 
 class MDProtocol:
@@ -334,7 +211,7 @@ class MDProtocol:
                                   "resume to continue it")
         atoms = checkpoint.atoms if checkpoint else read_structure(settings.structure)
         self.check_structure(atoms)
-        _prepare_output_directory(out)
+        prepare_output_directory(out)
         calculator = self.calculator if self.calculator is not None \
             else build_calculator(settings)
         provenance = getattr(calculator, "parameters", {})
@@ -500,113 +377,6 @@ def random_generator(seed: int, stream: int) -> np.random.Generator:
 def timestep(settings: MDSettings) -> float:
     """The time step in ASE time units."""
     return settings.timestep_fs * units.fs
-
-
-# -- command line -------------------------------------------------------------------------
-def read_settings_file(path, settings_class: type[MDSettings]) -> dict:
-    """Settings from a TOML file whose keys are field names of ``settings_class``."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as handle:
-            values = tomllib.load(handle)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"settings file not found: {path}") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"settings file {path} is not valid TOML: {err}") from err
-    fields = {field.name: field for field in dataclasses.fields(settings_class)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ValueError(f"settings file {path}: unknown setting(s) {', '.join(unknown)} for "
-                         f"{settings_class.__name__}; known: {', '.join(fields)}")
-    for key, value in values.items():
-        expected = _value_type(fields[key])
-        accepted = (int, float) if expected is float else (expected,)
-        if isinstance(value, bool) != (expected is bool) or not isinstance(value, accepted):
-            raise ValueError(f"settings file {path}: {key} must be {expected.__name__}, "
-                             f"got {value!r}")
-    return values
-
-
-def _value_type(field: dataclasses.Field) -> type:
-    return str if field.default is None else type(field.default)
-
-
-def build_parser(settings_class: type[MDSettings], prog: str) -> argparse.ArgumentParser:
-    """One option per settings field (``--field-name``); ``structure`` is positional."""
-    parser = argparse.ArgumentParser(
-        prog=prog, description=(sys.modules[settings_class.__module__].__doc__ or "")
-        .split("\n\n")[0])
-    parser.add_argument("structure", nargs="?", help="structure file (ase.io.read)")
-    parser.add_argument("--settings", metavar="FILE.toml",
-                        help="TOML file of settings; command-line options override it")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the full traceback of an error instead of one line")
-    for field in dataclasses.fields(settings_class):
-        if field.name == "structure":
-            continue
-        flags = (*field.metadata["flags"], "--" + field.name.replace("_", "-"))
-        value_type = _value_type(field)
-        help_text = field.metadata["help"] + (
-            "" if field.default is None else f" (default: {field.default})")
-        # Every default is None here, so that only explicit options override the file.
-        if value_type is bool:
-            parser.add_argument(*flags, dest=field.name, action=argparse.BooleanOptionalAction,
-                                default=None, help=help_text)
-        else:
-            parser.add_argument(*flags, dest=field.name, type=value_type, default=None,
-                                choices=field.metadata["choices"], help=help_text)
-    return parser
-
-
-def settings_from_command_line(settings_class: type[MDSettings], argv, prog: str):
-    """Defaults, overridden by ``--settings FILE.toml``, overridden by explicit options."""
-    parser = build_parser(settings_class, prog)
-    arguments = vars(parser.parse_args(argv))
-    arguments.pop("debug")
-    return _settings_from(arguments, settings_class, parser)
-
-
-def _settings_from(arguments: dict, settings_class: type[MDSettings], parser) -> MDSettings:
-    values = read_settings_file(arguments["settings"], settings_class) \
-        if arguments["settings"] else {}
-    values.update({key: value for key, value in arguments.items()
-                   if value is not None and key != "settings"})
-    if not values.get("structure"):
-        parser.error("a structure file is required (argument or 'structure' in --settings)")
-    return settings_class(**values)
-
-
-#: What a run refuses or stops with: bad files and settings, models the calculator
-#: cannot set up, failed calculations, and the operating system's refusals (an
-#: unwritable directory, a full disk). Reported in one line; ``--debug`` shows the traceback.
-_REPORTED_ERRORS = (OSError, ValueError, CalculatorSetupError, CalculationFailed)
-
-
-def main(protocol_class: type[MDProtocol], argv=None) -> dict:
-    """Command-line entry point shared by the protocol modules."""
-    prog = f"python -m mace_lpcalc.protocols.{protocol_class.name}"
-    parser = build_parser(protocol_class.settings_class, prog)
-    arguments = vars(parser.parse_args(argv))
-    debug = arguments.pop("debug")
-    try:
-        settings = _settings_from(arguments, protocol_class.settings_class, parser)
-        summary = protocol_class(settings).run()
-    except _REPORTED_ERRORS as err:
-        if debug:
-            raise
-        raise SystemExit(f"{prog}: error: {_one_line(err)}") from None
-    print(json.dumps(summary, indent=2))
-    return summary
-
-
-def _one_line(error: BaseException) -> str:
-    if isinstance(error, OSError) and error.strerror:  # no "[Errno N]" prefix
-        text = error.strerror
-        if error.filename and str(error.filename) not in text:
-            text = f"{error.filename}: {text}"
-    else:
-        text = str(error)
-    return " ".join(text.split())
 
 
 def periodic_cell_required(atoms: Atoms, protocol: str) -> None:

@@ -26,7 +26,7 @@ from ase.md.verlet import VelocityVerlet
 
 from mace_lpcalc.analysis.thermodynamics import energy_drift
 from mace_lpcalc.md.base import MDProtocol, MDSettings, timestep
-from mace_lpcalc.md.trajectory import TrajectoryData
+from mace_lpcalc.md.frames import TrajectoryData
 
 _MEV_PER_EV = 1000.0
 

@@ -17,7 +17,7 @@ from ase import Atoms
 from tqdm.auto import tqdm
 
 from mace_lpcalc.systems import water_density_g_cm3
-from mace_lpcalc.md.trajectory import Frame
+from mace_lpcalc.md.frames import Frame
 
 _SECONDS_PER_DAY = 86400.0
 

@@ -4,7 +4,7 @@ One run writes one file that ``mdtraj.load("run.h5")`` opens as a trajectory (MD
 reads it through PyTables: ``pip install tables``). The layout follows MDTraj's HDF5
 format ("Pande" conventions 1.1): ``coordinates`` (frames × atoms × 3, float32 nm),
 ``time`` (ps), ``cell_lengths`` (nm), ``cell_angles`` (degrees) and a JSON ``topology``
-in which each bonded molecule is one residue (water is named ``HOH``). Alongside, every
+in which each bonded molecule is one residue (:mod:`.topology`). Alongside, every
 logged frame stores the float64 series below, each dataset carrying a ``units``
 attribute (``temperature`` says ``kelvin`` because MDTraj parses that attribute):
 
@@ -36,33 +36,34 @@ datasets.
 Frames are appended one at a time and flushed after each, so a run killed at any point
 keeps every frame logged before its last flush; ``step`` is written last in each append,
 so its length counts the complete frames. The group ``sentinel`` holds the live fp64
-sentinel's checks (:mod:`mace_lpcalc.precision.sentinel`): ``step`` and one float64 dataset per
-deviation, each with its ``units``. The file stays readable while a run writes it:
-the writer opens it without HDF5's file lock, so another process can open it with h5py,
-:func:`read_trajectory` or ``mdtraj.load`` at any time (a frame being appended at that
-moment may be missing from what it reads); instead, the writer holds an exclusive lock on
-``<file>.lock`` beside it, so no second run writes the same file. The root attributes record the run: protocol,
-settings (JSON), model hash, precision policy, backend, seed, library versions (JSON),
-``n_atoms`` and ``periodic``.
+sentinel's checks (:mod:`mace_lpcalc.precision.sentinel`): ``step`` and one float64
+dataset per deviation, each with its ``units``. The file stays readable while a run
+writes it: the writer opens it without HDF5's file lock, so another process can open it
+with h5py, :func:`read_trajectory` or ``mdtraj.load`` at any time (a frame being
+appended at that moment may be missing from what it reads); instead, the writer holds an
+exclusive lock on ``<file>.lock`` beside it, so no second run writes the same file. The
+root attributes record the run: protocol, settings (JSON), model hash, precision policy,
+backend, seed, library versions (JSON), ``n_atoms`` and ``periodic``.
+
+What a frame holds before it is written, and what reading returns, is :mod:`.frames`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import json
 import os
 from pathlib import Path
 
 import h5py
-import mdtraj
 import numpy as np
 from ase import Atoms, units
 from ase.cell import Cell
 from mdtraj.formats.hdf5 import HDF5TrajectoryFile
 
 from mace_lpcalc import __version__
-from mace_lpcalc.systems import covalent_bonds, molecule_ids
+from mace_lpcalc.md.frames import Frame, TrajectoryData, is_periodic
+from mace_lpcalc.md.topology import mdtraj_topology
 from mace_lpcalc.units import density_g_cm3
 from mace_lpcalc.precision.sentinel import SENTINEL_UNITS
 
@@ -89,79 +90,10 @@ UNITS = {
 }
 _CELL_DATASETS = ("cell_lengths", "cell_angles", "pressure", "stress", "volume", "density")
 _NM_PER_ANGSTROM = 0.1
-_CM3_PER_ANGSTROM3 = 1e-24
 
 
 class TrajectoryError(ValueError):
     """A trajectory file is missing, foreign, corrupt, or a frame does not fit it."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Frame:
-    """One logged MD frame in ASE units (Å, eV, K, eV/Å³); cell fields are None
-    for systems that are not periodic in three dimensions."""
-
-    step: int
-    time_ps: float
-    positions_A: np.ndarray  # (n_atoms, 3), unwrapped
-    potential_energy_eV: float
-    kinetic_energy_eV: float
-    conserved_energy_eV: float
-    temperature_K: float
-    wall_time_per_step_s: float
-    cell_A: np.ndarray | None = None  # (3, 3), rows are the cell vectors
-    stress_eV_A3: np.ndarray | None = None  # (6,) Voigt, ideal gas included
-
-
-def is_periodic(atoms: Atoms) -> bool:
-    """True when ``atoms`` is periodic in all three directions with a 3D cell."""
-    return bool(atoms.pbc.all()) and atoms.cell.rank == 3
-
-
-def frame_from_atoms(atoms: Atoms, step: int, time_ps: float, conserved_energy_eV: float,
-                     wall_time_per_step_s: float) -> Frame:
-    """Snapshot ``atoms`` (with a calculator holding current results) as a :class:`Frame`."""
-    periodic = is_periodic(atoms)
-    return Frame(
-        step=int(step),
-        time_ps=float(time_ps),
-        positions_A=atoms.get_positions(),
-        potential_energy_eV=float(atoms.get_potential_energy()),
-        kinetic_energy_eV=float(atoms.get_kinetic_energy()),
-        conserved_energy_eV=float(conserved_energy_eV),
-        temperature_K=float(atoms.get_temperature()),
-        wall_time_per_step_s=float(wall_time_per_step_s),
-        cell_A=np.array(atoms.cell) if periodic else None,
-        stress_eV_A3=atoms.get_stress(include_ideal_gas=True) if periodic else None,
-    )
-
-
-def mdtraj_topology(atoms: Atoms) -> mdtraj.Topology:
-    """An MDTraj topology with one residue per bonded molecule
-    (:func:`mace_lpcalc.systems.molecule_ids`). Residues are named by Hill formula,
-    water as ``HOH``."""
-    first, second = covalent_bonds(atoms)
-    molecule_of_atom = molecule_ids(atoms)
-    n_molecules = int(molecule_of_atom.max()) + 1 if len(atoms) else 0
-    # Residues numbered in order of their first atom, so atom order is preserved.
-    order = {label: rank for rank, label in enumerate(dict.fromkeys(molecule_of_atom))}
-    topology = mdtraj.Topology()
-    chain = topology.add_chain()
-    residues = [None] * n_molecules
-    symbols = atoms.get_chemical_symbols()
-    for index, label in enumerate(molecule_of_atom):
-        rank = order[label]
-        if residues[rank] is None:
-            formula = atoms[molecule_of_atom == label].get_chemical_formula("hill")
-            residues[rank] = topology.add_residue("HOH" if formula == "H2O" else formula,
-                                                  chain, resSeq=rank + 1)
-        topology.add_atom(symbols[index], mdtraj.element.get_by_symbol(symbols[index]),
-                          residues[rank])
-    topology_atoms = list(topology.atoms)
-    for i, j in zip(first, second, strict=True):
-        if i < j:
-            topology.add_bond(topology_atoms[i], topology_atoms[j])
-    return topology
 
 
 class TrajectoryWriter:
@@ -430,31 +362,6 @@ def _check_format(path: Path, handle: h5py.File) -> None:
     missing = [name for name in (*names, "topology", "masses") if name not in handle]
     if missing:
         raise TrajectoryError(f"{path} is corrupt: missing datasets {missing}")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrajectoryData:
-    """A trajectory read into memory: per-frame ``arrays`` in file ``units``, the
-    per-atom ``masses`` (amu) and the root ``attrs`` (JSON attributes decoded)."""
-
-    path: Path
-    attrs: dict
-    arrays: dict
-    units: dict
-    masses: np.ndarray
-    #: The fp64 sentinel's checks: ``step`` and each deviation (empty if none were made).
-    sentinel: dict = dataclasses.field(default_factory=dict)
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        return self.arrays[name]
-
-    @property
-    def n_frames(self) -> int:
-        return len(self.arrays["step"])
-
-    @property
-    def n_atoms(self) -> int:
-        return int(self.attrs["n_atoms"])
 
 
 def read_trajectory(path, names=None) -> TrajectoryData:

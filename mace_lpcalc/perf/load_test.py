@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 import torch
 
-from mace_lpcalc.calculator import package_versions
+from mace_lpcalc.installed import package_versions
 from mace_lpcalc.md.npt import NPT, NPTSettings
 
 SHIPPED_WATER = Path(__file__).resolve().parents[2] / "systems" / "water_192_spcfw.xyz"

@@ -22,7 +22,8 @@ import torch
 from ase import units
 from ase.md.langevin import Langevin
 
-from mace_lpcalc.calculator import LowPrecisionMACECalculator, package_versions
+from mace_lpcalc.calculator import LowPrecisionMACECalculator
+from mace_lpcalc.installed import package_versions
 from mace_lpcalc.models import default_model_path
 from mace_lpcalc.systems import water_box
 from mace_lpcalc.perf.timing import median_ms

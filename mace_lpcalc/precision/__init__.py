@@ -1,1 +1,1 @@
-"""The precision floor: named policies and the model transform that applies them (:mod:`.policies`, :mod:`.casting`), training policies, ``policy="auto"`` and the live fp64 sentinel."""
+"""The precision floor: named policies and the model transform that applies them (:mod:`.policies`), the 16-bit module replacements it installs (:mod:`.casting`), backend detection and cuEquivariance's fused convolutions in 16 bits (:mod:`.backends`), training policies, ``policy="auto"`` and the live fp64 sentinel."""

@@ -19,7 +19,8 @@ policy's master dtype: float64 for ``fp64``, float32 otherwise) that mace's
 
 Output (``--out``): ``best.model`` and ``metrics.json`` with per-split RMSEs of energy
 (meV/atom), forces (meV/Å and % of the RMS reference force), stress (meV/Å³) and the
-intra-/inter-molecular force decomposition, plus the training history. Training runs
+intra-/inter-molecular force decomposition (:mod:`mace_lpcalc.training.metrics`), plus
+the training history. The data are read by :mod:`mace_lpcalc.training.data`. Training runs
 with ``torch.use_deterministic_algorithms``, so a CPU run is bit-for-bit reproducible for
 a given seed, data and package versions (unless ``--max-minutes`` stops it early); on CUDA
 ops without a deterministic kernel only warn.
@@ -32,14 +33,11 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import ase.io
 from mace_lpcalc import compat  # noqa: F401  -- mace before e3nn; version check
 import numpy as np
 import torch
-from ase.stress import voigt_6_to_full_3x3_stress
 from mace import data as mace_data
 from mace.modules.loss import WeightedEnergyForcesStressLoss
 from mace.modules.utils import compute_avg_num_neighbors, compute_mean_rms_energy_forces
@@ -48,7 +46,8 @@ from mace.tools.torch_geometric.dataloader import DataLoader
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mace_lpcalc.models import build_model
-from mace_lpcalc.systems import molecule_ids
+from mace_lpcalc.training.data import KEYS, Split, make_split, read_frames
+from mace_lpcalc.training.metrics import error_metrics
 from mace_lpcalc.precision.policies import apply_policy, copy_without_policy, policy_context
 from mace_lpcalc.precision.training import TRAINING_POLICIES, TrainingPolicy, get_training_policy
 
@@ -57,79 +56,6 @@ from mace_lpcalc.precision.training import TRAINING_POLICIES, TrainingPolicy, ge
 DEFAULT_MODEL_SETTINGS = {"hidden_irreps": "32x0e", "r_max": 5.0, "max_ell": 2, "correlation": 2,
                           "num_interactions": 2, "num_bessel": 8, "radial_mlp": (32, 32, 32),
                           "mlp_irreps": "16x0e"}
-
-#: Keys of the reference labels in the extended XYZ files (mace's REF_ convention).
-KEYS = mace_data.KeySpecification(
-    info_keys={"energy": "REF_energy", "stress": "REF_stress"},
-    arrays_keys={"forces": "REF_forces"})
-
-
-# --------------------------------------------------------------------------- data
-
-
-@dataclass
-class Split:
-    """One data split: the labelled ASE frames and their mace graphs."""
-
-    name: str
-    atoms: list
-    graphs: list
-
-    @property
-    def n_atoms(self) -> int:
-        return sum(len(a) for a in self.atoms)
-
-
-def read_frames(path) -> list:
-    """Read an extended-XYZ file (optionally compressed); raise ``ValueError`` if unlabelled."""
-    frames = ase.io.read(str(path), index=":")
-    if not frames:
-        raise ValueError(f"{path} holds no structures")
-    for index, atoms in enumerate(frames):
-        if "REF_energy" not in atoms.info or "REF_forces" not in atoms.arrays:
-            raise ValueError(f"{path}: frame {index} lacks REF_energy or REF_forces")
-    return frames
-
-
-def make_split(name: str, frames: list, z_table: AtomicNumberTable, r_max: float) -> Split:
-    """Convert frames to mace ``AtomicData`` graphs in the current default dtype."""
-    unknown = sorted({int(z) for a in frames for z in a.numbers} - set(z_table.zs))
-    if unknown:
-        raise ValueError(f"{name} set has elements {unknown} absent from the training set "
-                         f"{z_table.zs}")
-    graphs = [mace_data.AtomicData.from_config(
-        mace_data.config_from_atoms(atoms, key_specification=KEYS), z_table=z_table, cutoff=r_max)
-        for atoms in frames]
-    return Split(name, frames, graphs)
-
-
-# ---------------------------------------------------------------- decomposition
-
-
-def intra_inter_forces(forces: np.ndarray, masses: np.ndarray, molecules: np.ndarray):
-    """Split atomic forces into inter- and intra-molecular parts.
-
-    The inter-molecular part of atom i is the total force on its molecule shared by mass,
-    ``m_i / M_mol * sum_{j in mol} F_j`` (it moves the molecule's centre of mass); the
-    intra-molecular part is the remainder. Shapes: forces ``(n, 3)``, masses ``(n,)``,
-    molecules ``(n,)`` ints; returns ``(intra, inter)``, each ``(n, 3)``, same units.
-    """
-    forces = np.asarray(forces, dtype=float)
-    masses = np.asarray(masses, dtype=float)
-    molecules = np.asarray(molecules)
-    if forces.ndim != 2 or forces.shape[1] != 3:
-        raise ValueError(f"forces must have shape (n, 3), got {forces.shape}")
-    if masses.shape != (len(forces),) or molecules.shape != (len(forces),):
-        raise ValueError("masses and molecules must have shape (n,) matching forces")
-    n_molecules = int(molecules.max()) + 1
-    molecule_force = np.zeros((n_molecules, 3))
-    np.add.at(molecule_force, molecules, forces)
-    molecule_mass = np.bincount(molecules, weights=masses, minlength=n_molecules)
-    inter = (masses / molecule_mass[molecules])[:, None] * molecule_force[molecules]
-    return forces - inter, inter
-
-
-# --------------------------------------------------------------------- training
 
 
 def prepare_model(policy: TrainingPolicy, train: Split, z_table: AtomicNumberTable,
@@ -251,49 +177,6 @@ class Trainer:
     def plain_model(self) -> torch.nn.Module:
         """A deep copy of ``eval_model`` with the policy's wrappers stripped, on the CPU."""
         return copy_without_policy(self.eval_model).cpu()
-
-
-def error_metrics(split: Split, predictions: list[dict]) -> dict:
-    """RMSEs of ``predictions`` against the split's REF_ labels (meV units).
-
-    Energy per atom (meV/atom), forces per Cartesian component (meV/Å, and % of the RMS
-    reference force), stress per tensor component (meV/Å³), and the forces' intra- and
-    inter-molecular parts (:func:`intra_inter_forces`), each with its relative error.
-    """
-    energy_errors, force_errors, force_refs, stress_errors = [], [], [], []
-    parts = {"intra": ([], []), "inter": ([], [])}
-    for atoms, predicted in zip(split.atoms, predictions):
-        reference_forces = atoms.arrays["REF_forces"]
-        energy_errors.append((predicted["energy"] - atoms.info["REF_energy"]) / len(atoms))
-        force_errors.append(predicted["forces"] - reference_forces)
-        force_refs.append(reference_forces)
-        if "REF_stress" in atoms.info:
-            reference_stress = voigt_6_to_full_3x3_stress(atoms.info["REF_stress"])
-            stress_errors.append(predicted["stress"] - reference_stress)
-        molecules = molecule_ids(atoms)
-        masses = atoms.get_masses()
-        ref_intra, ref_inter = intra_inter_forces(reference_forces, masses, molecules)
-        err_intra, err_inter = intra_inter_forces(force_errors[-1], masses, molecules)
-        parts["intra"][0].append(err_intra)
-        parts["intra"][1].append(ref_intra)
-        parts["inter"][0].append(err_inter)
-        parts["inter"][1].append(ref_inter)
-
-    def rms(values) -> float:
-        return float(np.sqrt(np.mean(np.square(np.concatenate([np.ravel(v) for v in values])))))
-
-    metrics = {
-        "frames": len(split.atoms), "atoms": split.n_atoms,
-        "energy_rmse_meV_per_atom": 1e3 * rms(energy_errors),
-        "forces_rmse_meV_A": 1e3 * rms(force_errors),
-        "forces_rel_rmse_percent": 100 * rms(force_errors) / rms(force_refs),
-    }
-    if stress_errors:
-        metrics["stress_rmse_meV_A3"] = 1e3 * rms(stress_errors)
-    for name, (errors, references) in parts.items():
-        metrics[f"forces_{name}_rmse_meV_A"] = 1e3 * rms(errors)
-        metrics[f"forces_{name}_rel_rmse_percent"] = 100 * rms(errors) / rms(references)
-    return metrics
 
 
 def train(train_path, valid_path, test_path, out_dir, *, policy: str = "fp32", seed: int = 0,

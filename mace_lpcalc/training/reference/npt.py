@@ -59,7 +59,8 @@ from openmm import unit
 
 from mace_lpcalc.units import EV_PER_KJ_MOL, density_g_cm3
 
-from mace_lpcalc.md.trajectory import Frame, TrajectoryWriter
+from mace_lpcalc.md.frames import Frame
+from mace_lpcalc.md.trajectory import TrajectoryWriter
 from mace_lpcalc.training.reference.spcfw import SPCFwCalculator, check_water_atoms, spcfw_forcefield_xml
 
 POLICY = "reference-openmm-spcfw"

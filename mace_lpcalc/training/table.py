@@ -1,6 +1,7 @@
-"""Collect the metrics.json of runs made by bench/training_table.sh into one table.
+"""The training table (the thesis's Table 4.6): the metrics.json of runs made by
+bench/training_table.sh, collected into one table.
 
-    python bench/training_table.py RUN/*/metrics.json --out table.json
+    python -m mace_lpcalc.training.table RUN/*/metrics.json --out table.json
 
 Prints the Markdown table (RMSE of energy and forces per split, intra/inter-molecular
 force errors, and the NVT stability check) and writes it as JSON.
@@ -8,7 +9,7 @@ force errors, and the NVT stability check) and writes it as JSON.
 Runs stopped before writing metrics.json (only ``best.model`` and the log exist) can be
 evaluated afterwards, on the CPU, in the policy of their folder name:
 
-    python bench/training_table.py --evaluate RUN/* --data systems/water_reference
+    python -m mace_lpcalc.training.table --evaluate RUN/* --data systems/water_reference
 """
 
 import argparse
@@ -16,19 +17,24 @@ import json
 from pathlib import Path
 
 import numpy as np
-
-from mace_lpcalc.policies import apply_policy
-from mace_lpcalc.train import error_metrics, make_split, predict, read_frames
-from mace_lpcalc.training_policies import get_training_policy
-from mace_lpcalc.trajectory import read_trajectory
-from mace.tools.utils import AtomicNumberTable
 import torch
+
+from mace_lpcalc import compat  # noqa: F401  -- mace before e3nn; version check
+from mace.tools.utils import AtomicNumberTable
+
+from mace_lpcalc.md.trajectory import read_trajectory
+from mace_lpcalc.models import load_model
+from mace_lpcalc.precision.policies import apply_policy
+from mace_lpcalc.precision.training import get_training_policy
+from mace_lpcalc.training.data import make_split, read_frames
+from mace_lpcalc.training.metrics import error_metrics
+from mace_lpcalc.training.train import predict
 
 
 def evaluate(run_dir: Path, data: Path) -> Path:
     """Write ``run_dir/metrics.json`` for its ``best.model`` on the valid and test splits."""
     policy = get_training_policy(run_dir.name)
-    model = torch.load(run_dir / "best.model", map_location="cpu", weights_only=False)
+    model = load_model(run_dir / "best.model")
     model = apply_policy(model, policy.forward)
     z_table = AtomicNumberTable([int(z) for z in model.atomic_numbers])
     log = (run_dir.parent / f"{run_dir.name}.log")
@@ -63,14 +69,15 @@ def stability(run_dir: Path) -> dict:
             "nvt_T_max_K": float(temperature.max())}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mace_lpcalc.training.table",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("metrics", nargs="*", type=Path)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--evaluate", nargs="+", type=Path, default=[],
                         help="run folders holding best.model to evaluate first")
     parser.add_argument("--data", type=Path, default=Path("systems/water_reference"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.metrics += [evaluate(run_dir, args.data) for run_dir in args.evaluate]
     rows = []
     for path in args.metrics:

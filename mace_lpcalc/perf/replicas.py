@@ -1,0 +1,135 @@
+"""Replica throughput on one GPU: N water boxes in one batched pass, against one at a time.
+
+    python -m mace_lpcalc.perf.replicas --device cuda --molecules 216 --replicas 1 4 16 \\
+        --policies fp32 fp32-linear-fp16 --out bench/results/h200_replicas_648.json
+
+A certificate needs hundreds of replica-picoseconds per policy, and one 648-atom box
+leaves an H200 mostly idle. Two ways to run N replicas in one process are measured
+here, in the same run, on the shipped water model:
+
+* ``ours``: our calculator under ASE Langevin on one periodic box of N × ``molecules``.
+  N replicas batched as disconnected graphs of one model call have the same atoms and the
+  same edges per atom as that box, so its ms per step is what batching them into our
+  engine would cost, integrator included. N = 1 is one replica alone, the baseline.
+* ``torchsim``: TorchSim's batched Langevin NVT (``torch_sim.nvt_langevin``) on N
+  separate boxes, with the same model, policy and backend as a TorchSim ``MaceModel``:
+  one model call per step for all N boxes, on mace's own forward (neither our
+  neighbour list nor CUDA graphs).
+
+Each row: ms per MD step, replica-steps per second, and that throughput over one replica
+on our engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+
+import torch
+
+from mace_lpcalc.calculator import LowPrecisionMACECalculator
+from mace_lpcalc.installed import package_versions
+from mace_lpcalc.models import default_model_path
+from mace_lpcalc.perf.bench import langevin_steps_call
+from mace_lpcalc.perf.timing import median_ms
+from mace_lpcalc.systems import water_box
+
+TIMESTEP_PS = 0.0005
+TEMPERATURE_K = 300.0
+
+
+def calculator(policy: str, device: str) -> LowPrecisionMACECalculator:
+    return LowPrecisionMACECalculator(model_paths=str(default_model_path()), device=device,
+                                      policy=policy)
+
+
+def ours_step_ms(policy: str, device: str, n_molecules: int, *, block: int, warmup: int,
+                 repeats: int) -> float:
+    run_block = langevin_steps_call(calculator(policy, device), water_box(n_molecules, seed=0),
+                                    block)
+    return median_ms(run_block, device, warmup, repeats) / block
+
+
+def torchsim_step_ms(policy: str, device: str, n_molecules: int, n_replicas: int, *,
+                     block: int, warmup: int, repeats: int) -> float:
+    import torch_sim
+    from torch_sim.models.mace import MaceModel
+    from torch_sim.units import MetalUnits
+
+    # Our calculator converts the backend and applies the policy; TorchSim runs the result.
+    model = calculator(policy, device).models[0]
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    batched = MaceModel(model, device=torch.device(device), dtype=dtype, compute_stress=False)
+    boxes = [water_box(n_molecules, seed=seed) for seed in range(n_replicas)]
+    state = torch_sim.initialize_state(boxes, device=torch.device(device), dtype=dtype)
+    kT = torch.tensor(TEMPERATURE_K * MetalUnits.temperature, dtype=dtype, device=device)
+    dt = torch.tensor(TIMESTEP_PS * MetalUnits.time, dtype=dtype, device=device)
+    init, step = torch_sim.nvt_langevin(model=batched, dt=dt, kT=kT, seed=0)
+    md_state = init(state)
+
+    def run_block():
+        nonlocal md_state
+        for _ in range(block):
+            md_state = step(md_state, kT)
+
+    return median_ms(run_block, device, warmup, repeats) / block
+
+
+def measure(policies, replicas, *, device: str, n_molecules: int, block: int, warmup: int,
+            repeats: int) -> list[dict]:
+    rows = []
+    for policy in policies:
+        timing = dict(block=block, warmup=warmup, repeats=repeats)
+        one_replica_ms = ours_step_ms(policy, device, n_molecules, **timing)
+        for n in replicas:
+            measured = {"ours": one_replica_ms if n == 1 else
+                        ours_step_ms(policy, device, n * n_molecules, **timing),
+                        "torchsim": torchsim_step_ms(policy, device, n_molecules, n, **timing)}
+            for engine, step_ms in measured.items():
+                rows.append({"engine": engine, "policy": policy, "n_replicas": n,
+                             "atoms_per_replica": 3 * n_molecules, "step_ms": step_ms,
+                             "replica_steps_per_s": 1e3 * n / step_ms,
+                             "throughput_vs_one_replica_ours": n * one_replica_ms / step_ms})
+                print(f"{policy:18s} {engine:8s} N={n:3d}  {step_ms:8.2f} ms/step  "
+                      f"{rows[-1]['replica_steps_per_s']:8.0f} replica-steps/s  "
+                      f"×{rows[-1]['throughput_vs_one_replica_ours']:.2f}", flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mace_lpcalc.perf.replicas",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--molecules", type=int, default=216, help="molecules per replica")
+    parser.add_argument("--replicas", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--policies", nargs="+", default=["fp32", "fp32-linear-fp16"])
+    parser.add_argument("--block", type=int, default=10, help="MD steps per timed sample")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    torch.set_default_dtype(torch.float32)  # TorchSim's states follow the model's dtype
+    rows = measure(args.policies, args.replicas, device=args.device,
+                   n_molecules=args.molecules, block=args.block, warmup=args.warmup,
+                   repeats=args.repeats)
+    gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else None
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "benchmark": "replica throughput, ASE Langevin on our engine vs TorchSim batched NVT",
+        "model": str(default_model_path().name), "device": args.device, "gpu": gpu,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": package_versions() | {"torch-sim-atomistic": _torchsim_version()},
+        "timestep_ps": TIMESTEP_PS, "statistic": "median", "block": args.block,
+        "warmup": args.warmup, "repeats": args.repeats, "rows": rows}, indent=1))
+    print(f"wrote {args.out}")
+
+
+def _torchsim_version() -> str:
+    from importlib.metadata import version
+    return version("torch-sim-atomistic")
+
+
+if __name__ == "__main__":
+    main()
