@@ -22,7 +22,7 @@ from ase.calculators.calculator import all_changes
 from mace_lpcalc.calculator import LowPrecisionMACECalculator
 from mace_lpcalc.installed import package_versions
 from mace_lpcalc.models import default_model_path
-from mace_lpcalc.perf.timing import synchronize
+from mace_lpcalc.timing import synchronize
 from mace_lpcalc.systems import water_box
 
 

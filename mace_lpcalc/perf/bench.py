@@ -32,7 +32,7 @@ from mace.calculators import MACECalculator
 
 from mace_lpcalc.calculator import LowPrecisionMACECalculator
 from mace_lpcalc.installed import package_versions
-from mace_lpcalc.perf.timing import median_ms, synchronize
+from mace_lpcalc.timing import median_ms, synchronize
 from mace_lpcalc.model_zoo import build_architecture
 from mace_lpcalc.models import build_off24m_shaped_model, build_tiny_model, load_model
 from mace_lpcalc.precision.policies import POLICIES

@@ -45,7 +45,7 @@ from mace_lpcalc.perf.profile_attribution import (
     is_device_activity,
     top_kernels,
 )
-from mace_lpcalc.perf.timing import median_ms, synchronize
+from mace_lpcalc.timing import median_ms, synchronize
 from mace_lpcalc.calculator import LowPrecisionMACECalculator
 from mace_lpcalc.installed import package_versions
 from mace_lpcalc.precision.policies import POLICIES

@@ -33,7 +33,7 @@ from mace_lpcalc.calculator import LowPrecisionMACECalculator
 from mace_lpcalc.installed import package_versions
 from mace_lpcalc.models import default_model_path
 from mace_lpcalc.perf.bench import langevin_steps_call
-from mace_lpcalc.perf.timing import median_ms
+from mace_lpcalc.timing import median_ms
 from mace_lpcalc.systems import water_box
 
 TIMESTEP_PS = 0.0005

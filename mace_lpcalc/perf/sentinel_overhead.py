@@ -26,7 +26,7 @@ from mace_lpcalc.calculator import LowPrecisionMACECalculator
 from mace_lpcalc.installed import package_versions
 from mace_lpcalc.models import default_model_path
 from mace_lpcalc.systems import water_box
-from mace_lpcalc.perf.timing import median_ms
+from mace_lpcalc.timing import median_ms
 
 
 def measure(n_molecules: int, *, device: str, policy: str, every: int, steps: int,

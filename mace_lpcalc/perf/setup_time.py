@@ -24,7 +24,7 @@ import torch
 from ase.calculators.calculator import all_changes
 
 from mace_lpcalc.perf.bench import make_model
-from mace_lpcalc.perf.timing import synchronize
+from mace_lpcalc.timing import synchronize
 from mace_lpcalc.calculator import LowPrecisionMACECalculator
 from mace_lpcalc.precision.policies import POLICIES
 from mace_lpcalc.systems import water_box

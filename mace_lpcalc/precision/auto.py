@@ -17,7 +17,7 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import CalculatorSetupError, all_changes
 
-from mace_lpcalc.perf.timing import median_ms
+from mace_lpcalc.timing import median_ms
 
 #: Tried fastest-first on a GPU; "fp32" is the safe end.
 AUTO_CANDIDATES = ("bf16", "fp32-linear-fp16", "fp32-linear-bf16", "tf32", "fp32")
