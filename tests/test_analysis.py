@@ -1,4 +1,8 @@
-"""Observables against analytic cases: RDFs, MSD/diffusion, blocking, drift, static deviations."""
+"""Observables against analytic cases: RDFs, MSD/diffusion, drift, static deviations,
+statistical inefficiency, equilibration detection and equivalence tests."""
+
+import subprocess
+import sys
 
 import mdtraj
 import numpy as np
@@ -9,12 +13,16 @@ from ase.calculators.mixing import LinearCombinationCalculator
 from scipy import stats
 from scipy.signal import lfilter
 
-from mace_lpcalc.analysis import (block_average, coordination_number, diffusion_coefficient,
-                                  element_pairs, energy_drift, evaluate_static_deviations,
+from mace_lpcalc.analysis import (DEFAULT_MARGINS, RadialDistribution, SeedAverage,
+                                  coordination_number, diffusion_coefficient,
+                                  drift_ratio_test, element_pairs, energy_drift,
+                                  equilibration_start, equivalence_test,
+                                  evaluate_static_deviations, first_peak, load_margins,
                                   max_rdf_radius_A, mean_squared_displacement,
                                   radial_distribution, seed_average, static_deviations,
-                                  welch_difference, z_difference)
+                                  timeseries_average, welch_difference, z_difference)
 from mace_lpcalc.analysis.statistics import difference_of_averages
+from mace_lpcalc.analysis.thermodynamics import PROTOCOLS_WITHOUT_CONSERVED_ENERGY
 
 
 def make_trajectory(positions_A, symbols, box_A):
@@ -129,6 +137,41 @@ def test_rdf_refuses_bad_input():
         radial_distribution(no_cell, ("O", "H"))
 
 
+def test_first_peak_of_an_analytic_rdf_to_sub_bin_precision():
+    """A water-like O–O curve: a small shoulder, the first peak, a dip and a second peak."""
+    def g_of(r, centre):
+        return (1 + 1.8 * np.exp(-(r - centre) ** 2 / (2 * 0.12**2))
+                - 0.6 * np.exp(-(r - 3.4) ** 2 / (2 * 0.3**2))
+                + 0.3 * np.exp(-(r - 4.5) ** 2 / (2 * 0.4**2))
+                + 0.4 * np.exp(-(r - 2.45) ** 2 / (2 * 0.03**2))) * (r > 2.3)
+
+    width = 0.05
+    r = np.arange(width / 2, 8, width)
+    fine = np.linspace(2.6, 3.1, 500_001)
+    for centre in (2.81, 2.8333, 2.86):  # on, between and off the bin centres
+        exact = g_of(fine, centre)
+        position, height = first_peak(RadialDistribution(("O", "O"), r, g_of(r, centre), 0.03))
+        assert position == pytest.approx(fine[np.argmax(exact)], abs=0.002)  # 1/25 of a bin
+        assert height == pytest.approx(exact.max(), rel=2e-3)
+    # A curve that rises to the end of its range has no peak inside it.
+    with pytest.raises(ValueError, match="no peak inside"):
+        first_peak(RadialDistribution(("O", "O"), r, r**2, 0.03))
+
+
+def test_first_peak_in_a_window_finds_the_peak_behind_a_higher_one():
+    # O–H-like: the bond peak (g = 30 at 1.0 Å) hides the hydrogen-bond peak (1.6 at 1.75 Å).
+    r_A = np.arange(0.025, 6.0, 0.05)
+    g = (30 * np.exp(-0.5 * ((r_A - 1.0) / 0.04) ** 2)
+         + 1.6 * np.exp(-0.5 * ((r_A - 1.75) / 0.15) ** 2) + 1e-12)
+    rdf = RadialDistribution(("O", "H"), r_A, g, 0.06)
+    assert first_peak(rdf)[0] == pytest.approx(1.0, abs=0.005)
+    position_A, height = first_peak(rdf, (1.4, 2.4))
+    assert position_A == pytest.approx(1.75, abs=0.005)
+    assert height == pytest.approx(1.6, rel=1e-3)
+    with pytest.raises(ValueError, match="2.5–3.5 Å: no peak inside"):
+        first_peak(rdf, (2.5, 3.5))  # the tail falls through the whole window
+
+
 def test_element_pairs_of_water():
     assert element_pairs(["O", "H", "H", "O", "H", "H"]) == [("O", "O"), ("O", "H"), ("H", "H")]
 
@@ -193,31 +236,46 @@ def test_msd_and_diffusion_refuse_bad_input():
 
 # --- statistics -------------------------------------------------------------------------
 
-def test_blocking_gives_the_analytic_standard_error_of_an_ar1_series():
+def test_statistical_inefficiency_gives_the_analytic_standard_error_of_an_ar1_series():
     # x_t = φ x_{t−1} + ε_t with unit-variance ε: the variance of the mean of n samples
-    # tends to σ²/((1−φ)² n), larger than the naive Var(x)/n by (1+φ)/(1−φ) = 19.
-    phi, n = 0.9, 2**16
+    # tends to σ²/((1−φ)² n), larger than the naive Var(x)/n by g = (1+φ)/(1−φ) = 19.
+    phi, n = 0.9, 2**14
     analytic = 1 / ((1 - phi) * np.sqrt(n))
     rng = np.random.default_rng(6)
-    results = [block_average(lfilter([1], [1, -phi], rng.normal(size=n))) for _ in range(12)]
+    results = [timeseries_average(lfilter([1], [1, -phi], rng.normal(size=n)))
+               for _ in range(12)]
     estimates = np.array([r.stderr for r in results])
-    assert all(r.converged for r in results)
     assert np.mean(estimates) == pytest.approx(analytic, rel=0.05)
-    assert np.all(np.abs(estimates / analytic - 1) < 0.25)
-    assert np.mean([r.statistical_inefficiency for r in results]) == pytest.approx(19, rel=0.12)
-    # The spread of the 12 means agrees with the estimated error.
+    assert np.all(np.abs(estimates / analytic - 1) < 0.2)
+    assert np.mean([r.statistical_inefficiency for r in results]) == pytest.approx(19, rel=0.1)
+    assert all(r.reliable and r.n_effective == pytest.approx(n / r.statistical_inefficiency)
+               for r in results)
     assert np.std([r.mean for r in results], ddof=1) == pytest.approx(analytic, rel=0.5)
-
-
-def test_blocking_of_white_noise_keeps_the_naive_error():
-    data = np.random.default_rng(7).normal(size=4096)
-    result = block_average(data)
-    assert result.mean == pytest.approx(data.mean())
-    assert result.stderr == pytest.approx(data.std(ddof=1) / 64, rel=0.15)
-    with pytest.raises(ValueError, match="at least 16"):
-        block_average(np.ones(10))
+    # White noise keeps the naive error; a short correlated series is flagged.
+    white = np.random.default_rng(7).normal(size=4096)
+    assert timeseries_average(white).mean == pytest.approx(white.mean())
+    assert timeseries_average(white).stderr == pytest.approx(white.std(ddof=1) / 64, rel=0.15)
+    assert not timeseries_average(np.sin(np.linspace(0, 3, 40))).reliable  # one slow swing
+    constant = timeseries_average(np.full(50, 2.5))
+    assert (constant.mean, constant.stderr, constant.statistical_inefficiency) == (2.5, 0.0, 1.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        timeseries_average(np.ones(1))
     with pytest.raises(ValueError, match="non-finite"):
-        block_average(np.r_[np.ones(20), np.nan])
+        timeseries_average(np.r_[np.ones(20), np.nan])
+
+
+def test_equilibration_detection_cuts_a_known_transient():
+    n, transient = 2000, 200
+    for seed in range(4):
+        stationary = lfilter([1], [1, -0.5], np.random.default_rng(seed).normal(size=n))
+        shifted = stationary.copy()
+        shifted[:transient] += 8.0  # 7σ above the stationary mean
+        assert transient - 5 <= equilibration_start(shifted) <= transient + 60
+        assert equilibration_start(stationary) < 0.05 * n
+    # A series that never settles: the search stops at half the run.
+    ramp = np.linspace(0, 10, n) + np.random.default_rng(9).normal(size=n)
+    assert equilibration_start(ramp) == pytest.approx(n // 2, abs=n // 500 + 1)
+    assert equilibration_start(np.ones(10)) == 0
 
 
 def test_differences_and_seed_averages():
@@ -239,6 +297,110 @@ def test_differences_and_seed_averages():
     assert difference_of_averages(single, seeds).test == "z"
     with pytest.raises(ValueError, match="own standard error"):
         seed_average([1.0])
+
+
+def single_run(mean, stderr):
+    return SeedAverage(mean, stderr, (mean,), "run")
+
+
+def test_equivalence_verdicts_against_a_margin():
+    z = stats.norm.ppf(0.95)  # single runs: s = √(0.3² + 0.4²) = 0.5, normal quantile
+    reference = single_run(0.0, 0.4)
+
+    def tost(mean, margin):
+        return equivalence_test(single_run(mean, 0.3), reference, margin, relative=False,
+                                unit="x", aggregate_ps=10.0)
+
+    equivalent = tost(0.2, 1.2)
+    assert equivalent.ci90 == pytest.approx((0.2 - 0.5 * z, 0.2 + 0.5 * z))
+    assert equivalent.minimum_detectable_difference == pytest.approx(0.5 * z)
+    assert (equivalent.verdict, equivalent.extra_ps, equivalent.dof) == ("equivalent", 0.0, np.inf)
+    assert tost(3.0, 1.0).verdict == "different" and tost(-3.0, 1.0).verdict == "different"
+    # CI [−0.62, 1.02] straddles +1: k = (z·s / (δ − |d|))² times the time decides it.
+    inconclusive = tost(0.2, 1.0)
+    factor = (0.5 * z / 0.8) ** 2
+    assert inconclusive.verdict == "inconclusive"
+    assert inconclusive.extra_ps == pytest.approx((factor - 1) * 10.0)
+    assert inconclusive.describe() == f"inconclusive — needs ≈ {(factor - 1) * 10:.3g} ps more"
+    # With that much more time (s ∝ 1/√T) the same difference is just equivalent.
+    for shrink, verdict in ((1.01, "equivalent"), (0.99, "inconclusive")):
+        longer = equivalence_test(single_run(0.2, 0.3 / np.sqrt(factor * shrink)),
+                                  single_run(0.0, 0.4 / np.sqrt(factor * shrink)), 1.0,
+                                  relative=False, unit="x", aggregate_ps=10.0 * factor)
+        assert longer.verdict == verdict
+    # Where a difference sits beyond the margin, the time is the time to call it different.
+    assert tost(1.5, 1.0).extra_ps == pytest.approx(((0.5 * z / 0.5) ** 2 - 1) * 10.0)
+    undefined = equivalence_test(single_run(1.0, np.nan), reference, 1.0, relative=False,
+                                 unit="x", aggregate_ps=1.0)
+    assert undefined.verdict == "undefined" and np.isnan(undefined.ci90[0])
+    assert undefined.describe() == "undefined — needs ≥ 2 runs"
+    assert np.isnan(z_difference(1.0, np.nan, 0.0, 0.1).p_value)  # and no p-value either
+
+
+def test_equivalence_over_seeds_uses_welch_and_relative_margins():
+    a, b = [101.0, 101.4, 100.8], [100.0, 100.3, 99.8, 100.1]
+    result = equivalence_test(seed_average(a), seed_average(b), 2.0, relative=True, unit="%",
+                              aggregate_ps=15.0)
+    welch = stats.ttest_ind(a, b, equal_var=False)
+    reference = np.mean(b)
+    assert result.dof == pytest.approx(welch.df)
+    assert result.difference == pytest.approx(100 * (np.mean(a) - reference) / reference)
+    stderr = np.sqrt(np.var(a, ddof=1) / 3 + np.var(b, ddof=1) / 4)
+    assert (np.mean(a) - reference) / stderr == pytest.approx(welch.statistic)
+    half_width = stats.t.ppf(0.95, welch.df) * 100 * stderr / reference
+    assert result.ci90[1] - result.difference == pytest.approx(half_width)
+    assert (result.verdict, result.n_replicas) == ("equivalent", 3)
+    scaled = equivalence_test(seed_average(a), seed_average(b), 0.5, relative=False,
+                              unit="meV", scale=1000.0, aggregate_ps=15.0)
+    assert scaled.difference == pytest.approx(1000 * (np.mean(a) - reference))
+
+
+def test_drift_is_tested_one_sided_against_one_and_a_half_times_fp32():
+    z = stats.norm.ppf(0.95)
+    fp32 = single_run(0.010, 0.001)
+
+    def drift(mean, stderr=0.001):
+        return drift_ratio_test(single_run(mean, stderr), fp32, 1.5, unit="meV/atom/ps",
+                                aggregate_ps=5.0)
+
+    within = drift(0.011)
+    assert within.margin == pytest.approx(0.005) and within.difference == pytest.approx(0.001)
+    assert within.stderr == pytest.approx(np.hypot(0.001, 1.5 * 0.001))
+    assert within.ci90[1] == pytest.approx(0.001 + z * np.hypot(0.001, 0.0015))
+    assert within.verdict == "equivalent"
+    assert drift(-0.011).verdict == "equivalent"  # magnitudes are compared
+    assert drift(0.0).verdict == "equivalent"  # a smaller drift never fails
+    assert drift(0.05).verdict == "different"
+    assert drift(0.016).verdict == "inconclusive"
+
+
+def test_margins_from_toml(tmp_path):
+    path = tmp_path / "margins.toml"
+    path.write_text("[other]\nx = 1\n[equivalence]\ndensity_percent = 1\n"
+                    "energy_drift_ratio = 2.0\n", encoding="utf-8")
+    margins = load_margins(path)
+    assert margins == {**DEFAULT_MARGINS, "density_percent": 1.0, "energy_drift_ratio": 2.0}
+    assert DEFAULT_MARGINS["density_percent"] == 0.5  # the defaults are not changed
+    for text, message in (("[equivalence]\ndensity = 1\n", "unknown margin 'density'"),
+                          ("[equivalence]\ndensity_percent = 0\n", "positive number"),
+                          ("[equivalence]\ndensity_percent = true\n", "positive number"),
+                          ("density_percent = 1\n", r"no \[equivalence\] table"),
+                          ("[equivalence\n", "not valid TOML")):
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(ValueError, match=message):
+            load_margins(path)
+
+
+def test_protocols_without_a_conserved_energy_match_the_md_floor():
+    from mace_lpcalc.md import NPT, NVE, NVT
+    assert {cls.name for cls in (NVT, NPT, NVE) if not cls.conserves_energy} \
+        == PROTOCOLS_WITHOUT_CONSERVED_ENERGY
+
+
+def test_importing_the_analysis_prints_nothing():
+    result = subprocess.run([sys.executable, "-c", "import mace_lpcalc.analysis.compare"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and (result.stdout, result.stderr) == ("", "")
 
 
 def test_energy_drift_recovers_a_linear_trend_in_meV_per_atom_per_ps():

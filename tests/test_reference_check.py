@@ -6,16 +6,20 @@ import ase.io
 import mdtraj
 import numpy as np
 import pytest
+from scipy import stats
 
 openmm = pytest.importorskip("openmm")
 
-from mace_lpcalc.analysis import block_average  # noqa: E402
-from mace_lpcalc.training.reference.check import (PEAK_WINDOWS_A, compare_groups, main,  # noqa: E402
-                                         peak_position)
+from mace_lpcalc.analysis import (RadialDistribution, first_peak, load_run,  # noqa: E402
+                                  timeseries_average)
+from mace_lpcalc.analysis.report import production_start_frame  # noqa: E402
+from mace_lpcalc.training.reference.check import (DENSITY_TARGET_RELATIVE,  # noqa: E402
+                                                  PEAK_WINDOWS_A, compare_groups, main)
 from mace_lpcalc.training.reference.npt import (POLICY, ReferenceNPTSettings,  # noqa: E402
                                        forcefield_hash, run_reference_npt, unwrap_step)
 from mace_lpcalc.systems import water_box  # noqa: E402
-from mace_lpcalc.md.trajectory import Frame, TrajectoryWriter, read_trajectory  # noqa: E402
+from mace_lpcalc.md.frames import Frame  # noqa: E402
+from mace_lpcalc.md.trajectory import TrajectoryWriter, read_trajectory  # noqa: E402
 
 # 16 molecules make a 7.8 Å box, so the cut-off must be below half of it. One CPU thread:
 # OpenMM's CPU platform is bit-reproducible only then.
@@ -100,19 +104,20 @@ def test_unwrap_step_removes_cell_jumps_while_the_cell_changes():
 
 
 @pytest.mark.parametrize("centre_A", [2.8, 2.8137])
-def test_peak_position_recovers_a_gaussian_peak_between_bins(centre_A):
+def test_first_peak_in_a_window_recovers_a_gaussian_peak_between_bins(centre_A):
     r_A = np.arange(0.025, 6.0, 0.05)
     g = 3.0 * np.exp(-0.5 * ((r_A - centre_A) / 0.12) ** 2) + 1e-12
-    peak = peak_position(r_A, g, PEAK_WINDOWS_A["O-O first"][1])
-    assert abs(peak.position_A - centre_A) < 0.005
-    assert peak.height == pytest.approx(3.0, rel=1e-3)
+    position_A, height = first_peak(RadialDistribution(("O", "O"), r_A, g, 0.03),
+                                    PEAK_WINDOWS_A["O-O first"][1])
+    assert abs(position_A - centre_A) < 0.005
+    assert height == pytest.approx(3.0, rel=1e-3)
 
 
-def test_peak_position_refuses_a_window_without_a_maximum():
+def test_first_peak_refuses_a_window_without_a_maximum():
     r_A = np.arange(0.025, 6.0, 0.05)
-    g = np.exp(-r_A)
-    with pytest.raises(ValueError, match="no maximum inside"):
-        peak_position(r_A, g, (2.4, 3.3))
+    rdf = RadialDistribution(("O", "O"), r_A, np.exp(-r_A), 0.03)
+    with pytest.raises(ValueError, match="2.4–3.3 Å: no peak inside"):
+        first_peak(rdf, (2.4, 3.3))
 
 
 def _constructed_run(path, density_means, seed):
@@ -140,16 +145,38 @@ def test_density_comparison_of_constructed_runs(tmp_path):
     main([str(tmp_path / "ref.h5"), str(tmp_path / "run.h5"), "--out", str(out),
           "--discard-fraction", "0", "--segments", "2"])
     result = json.loads(out.read_text())
-    ref_block, test_block = block_average(reference), block_average(test)
-    assert result["reference"]["density_g_cm3"]["mean"] == pytest.approx(ref_block.mean)
+    ref_average, test_average = timeseries_average(reference), timeseries_average(test)
+    ref_density = result["reference"]["density_g_cm3"]
+    assert ref_density["mean"] == pytest.approx(ref_average.mean)
+    assert ref_density["stderr"] == pytest.approx(ref_average.stderr)
+    assert ref_density["statistical_inefficiency"] == pytest.approx(
+        ref_average.statistical_inefficiency)
+    assert ref_density["reliable"] is True
     group = result["groups"]["fp32"]
     assert group["density_g_cm3"]["error_kind"] == "run"
+    assert group["density_g_cm3"]["unreliable_runs"] == []
     relative = group["density_relative_difference"]
-    assert relative["value"] == pytest.approx(test_block.mean / ref_block.mean - 1)
+    assert relative["value"] == pytest.approx(test_average.mean / ref_average.mean - 1)
     assert relative["value"] == pytest.approx(-0.03, abs=0.002)
     assert relative["stderr"] == pytest.approx(
-        np.hypot(ref_block.stderr, test_block.stderr) / ref_block.mean)
-    assert relative["met"] is False and relative["met_at_2_sigma"] is False
+        np.hypot(ref_average.stderr, test_average.stderr) / ref_average.mean)
+    # 3 % off, known to a few hundredths of a percent: the interval lies beyond −2 %.
+    assert relative["met"] is False and relative["verdict"] == "different"
+    assert relative["ci90"][1] < -DENSITY_TARGET_RELATIVE
+    assert relative["extra_ps"] == 0.0
+    # Without --discard-fraction each run's production starts where compare puts it.
+    main([str(tmp_path / "ref.h5"), str(tmp_path / "run.h5"), "--out", str(out),
+          "--segments", "2"])
+    detected = json.loads(out.read_text())
+    assert detected["settings"]["discard_fraction"] is None
+    for summary in detected["runs"]:
+        run = load_run(summary["path"])
+        assert summary["n_frames_used"] == run.n_frames - production_start_frame(run)
+    main([str(tmp_path / "ref.h5"), "--out", str(out), "--discard-fraction", "0.25",
+          "--segments", "2"])
+    assert json.loads(out.read_text())["reference"]["n_frames_used"] == 48
+    with pytest.raises(SystemExit, match=r"must lie in \[0, 1\)"):
+        main([str(tmp_path / "ref.h5"), "--discard-fraction", "1"])
     # Without runs only the reference is summarised.
     main([str(tmp_path / "ref.h5"), "--out", str(out), "--discard-fraction", "0",
           "--segments", "2"])
@@ -162,8 +189,8 @@ def test_seed_average_and_verdicts_per_group():
     def summary(mean, stderr, seed, oo_peak_A):
         peak = {"position_A": oo_peak_A, "position_stderr_A": 0.004, "height": 3.0,
                 "height_stderr": 0.05}
-        return {"seed": seed, "path": f"run{seed}.h5",
-                "density_g_cm3": {"mean": mean, "stderr": stderr, "converged": True},
+        return {"seed": seed, "path": f"run{seed}.h5", "time_used_ps": [10.0, 60.0],
+                "density_g_cm3": {"mean": mean, "stderr": stderr, "reliable": seed != 2},
                 "rdf_peaks": {name: peak for name in PEAK_WINDOWS_A}}
 
     reference = summary(1.000, 0.002, 0, 2.80)
@@ -177,10 +204,25 @@ def test_seed_average_and_verdicts_per_group():
     relative = fp32["density_relative_difference"]
     assert relative["value"] == pytest.approx(-0.010)
     assert relative["stderr"] == pytest.approx(np.hypot(0.005, 0.002))
-    assert relative["met"] and not relative["met_at_2_sigma"]
+    assert fp32["density_g_cm3"]["unreliable_runs"] == ["run2.h5"]
+    # −1 % ± 0.54 %: the 90 % interval (normal quantile, one reference run) lies inside ±2 %.
+    assert relative["met"] and relative["verdict"] == "equivalent"
+    half_width = stats.norm.ppf(0.95) * np.hypot(0.005, 0.002)
+    assert relative["ci90"] == pytest.approx([-0.010 - half_width, -0.010 + half_width])
     shift = fp32["rdf_peaks"]["O-O first"]["position_difference_A"]
     assert shift["value"] == pytest.approx(0.04) and shift["met"]
-    # One run: its own blocking error; 5 % and 0.1 Å are outside the targets.
+    # 0.04 ± 0.011 Å: the interval reaches past 0.05 Å, so more production time is needed.
+    assert shift["verdict"] == "inconclusive"
+    assert shift["stderr"] == pytest.approx(np.hypot(0.01, 0.004))
+    k = (stats.norm.ppf(0.95) * shift["stderr"] / 0.01) ** 2
+    assert shift["extra_ps"] == pytest.approx((k - 1) * 100.0)
+    # Peaks without a target get a difference and its test of a zero shift.
+    untargeted = fp32["rdf_peaks"]["O-H intramolecular"]["position_difference_A"]
+    assert untargeted["value"] == pytest.approx(0.04) and "verdict" not in untargeted
+    assert 0 < untargeted["p_value"] < 1
+    # One run: its own error; 5 % and 0.1 Å are outside the targets by far.
     assert bf16["density_relative_difference"]["stderr"] == pytest.approx(np.hypot(0.004, 0.002))
     assert not bf16["density_relative_difference"]["met"]
+    assert bf16["density_relative_difference"]["verdict"] == "different"
     assert not bf16["rdf_peaks"]["O-O first"]["position_difference_A"]["met"]
+    assert bf16["rdf_peaks"]["O-O first"]["position_difference_A"]["verdict"] == "different"

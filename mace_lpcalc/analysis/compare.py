@@ -1,19 +1,25 @@
 """Compare MD runs across precision policies against an FP64 reference.
 
     python -m mace_lpcalc.analysis.compare run_a.h5 run_b.h5 ... [--reference run_fp64.h5]
-        [--out-dir DIR] [--static-deviations --model M]
+        [--out-dir DIR] [--margins MARGINS.toml] [--static-deviations --model M]
 
 Runs are grouped by their ``policy`` attribute (and backend, when backends differ) and
-averaged over seeds. Written to ``--out-dir``: ``summary.md`` (also printed),
-``summary.csv`` (final means), ``differences.csv`` (each group minus the reference, with
-standard error and p-value), ``static_deviations.csv`` when asked, and the plots
-``thermo.png``, ``rdf.png`` and ``msd.png``.
+averaged over seeds, each over its production part (pymbar's equilibration detection,
+or ``--discard-fraction``). Every group but the reference is tested for equivalence
+with it, observable by observable, against the margins of
+:mod:`mace_lpcalc.analysis.equivalence` (``--margins``: a TOML file whose
+``[equivalence]`` table overrides some of them). Written to ``--out-dir``:
+``summary.md`` (also printed), ``summary.csv`` (final means), with a reference
+``differences.csv`` (each group minus the reference, with standard error, and a p-value
+only where the standard error is defined) and ``certificate.json`` (the equivalence
+verdicts), ``static_deviations.csv`` when asked (those four written by
+:mod:`mace_lpcalc.analysis.outputs`), and the plots ``thermo.png``, ``rdf.png`` and
+``msd.png``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -23,11 +29,15 @@ from ase.calculators.calculator import CalculatorError
 
 from mace_lpcalc.analysis.deviations import METRICS as DEVIATION_METRICS
 from mace_lpcalc.analysis.deviations import StaticDeviations, evaluate_static_deviations
+from mace_lpcalc.analysis.equivalence import ALPHA, DEFAULT_MARGINS, load_margins
+from mace_lpcalc.analysis.outputs import (write_certificate, write_deviations_csv,
+                                         write_differences_csv, write_summary_csv)
 from mace_lpcalc.analysis.plots import plot_msds, plot_rdfs, plot_traces
-from mace_lpcalc.analysis.report import (Summary, common_msd_lag_ps, common_rdf_radius_A,
-                              group_label, run_observables, summarise)
+from mace_lpcalc.analysis.report import (DRIFT_REFERENCE_POLICY, Summary, common_msd_lag_ps,
+                                         common_rdf_radius_A, group_label,
+                                         production_start_frame, run_observables, summarise)
 from mace_lpcalc.analysis.runs import Run, load_run
-from mace_lpcalc.analysis.thermodynamics import production_start
+from mace_lpcalc.analysis.thermodynamics import has_conserved_energy
 
 REFERENCE_POLICY = "fp64"
 
@@ -36,16 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mace_lpcalc.analysis.compare",
         description="Compare MD runs (HDF5 files written by mace_lpcalc) across precision "
-                    "policies: seed-averaged final means, differences against FP64 with "
-                    "significance, RDF/MSD/trace plots, and optional static deviations.")
+                    "policies: seed-averaged final means, equivalence tests against FP64 "
+                    "(certificate.json), RDF/MSD/trace plots, and optional static deviations.")
     parser.add_argument("runs", nargs="+", type=Path, help="run files (.h5)")
     parser.add_argument("--reference", action="append", type=Path, default=[],
                         help="reference run file (repeat for several seeds); default: the "
                              f"runs whose policy is {REFERENCE_POLICY!r}, if any")
     parser.add_argument("--out-dir", type=Path, default=Path("comparison"),
                         help="directory for tables and plots (default: ./comparison)")
-    parser.add_argument("--discard-fraction", type=float, default=0.2,
-                        help="leading fraction of each run treated as equilibration (default 0.2)")
+    parser.add_argument("--discard-fraction", type=float, default=None,
+                        help="treat this leading fraction of each run as equilibration "
+                             "(default: detect each run's equilibration automatically)")
+    parser.add_argument("--margins", type=Path,
+                        help="TOML file whose [equivalence] table overrides equivalence "
+                             "margins (keys: " + ", ".join(DEFAULT_MARGINS) + ")")
     parser.add_argument("--rdf-bin-width", type=float, default=0.05, help="RDF bin width, Å")
     parser.add_argument("--msd-segments", type=int, default=5,
                         help="segments for the diffusion-coefficient error (default 5)")
@@ -73,6 +87,7 @@ def compare(args: argparse.Namespace) -> str:
     """Run the whole comparison; returns the Markdown report (also written to disk)."""
     if args.static_deviations and args.max_frames < 1:
         raise ValueError(f"--max-frames must be positive, got {args.max_frames}")
+    margins = load_margins(args.margins) if args.margins is not None else DEFAULT_MARGINS
     paths = list(dict.fromkeys(p.resolve() for p in [*args.runs, *args.reference]))
     runs = [load_run(path) for path in paths]
     notes = _check_comparable(runs)
@@ -80,36 +95,49 @@ def compare(args: argparse.Namespace) -> str:
     groups = {run.path: group_label(run, mixed_backends) for run in runs}
     reference = _reference_group(runs, groups, {p.resolve() for p in args.reference})
 
-    msd_lag_ps = common_msd_lag_ps(runs, args.discard_fraction)
-    rdf_r_max_A = common_rdf_radius_A(runs, args.discard_fraction)
+    starts = {run.path: production_start_frame(run, args.discard_fraction) for run in runs}
+    if args.discard_fraction is None:
+        notes += [f"{run.path.name}: the equilibration found reaches the search limit, half "
+                  "the run: it may not have equilibrated"
+                  for run in runs if starts[run.path] >= run.n_frames // 2]
+    if not has_conserved_energy(runs[0].protocol):
+        notes.append(f"No energy drift for {runs[0].protocol} runs: the Langevin bath "
+                     "exchanges heat with the system, so nothing is conserved (the trajectory's "
+                     "conserved_energy is the plain total energy) and its slope says nothing "
+                     "about the integration. Use NVE or NPT (MTK) runs to test energy "
+                     "conservation.")
+    msd_lag_ps = common_msd_lag_ps(runs, starts)
+    rdf_r_max_A = common_rdf_radius_A(runs, starts)
     if rdf_r_max_A is None:
         notes.append("no RDFs: at least one run has no periodic cell")
-    observables = [run_observables(run, groups[run.path], discard_fraction=args.discard_fraction,
+    observables = [run_observables(run, groups[run.path], start_frame=starts[run.path],
                                    msd_lag_ps=msd_lag_ps, rdf_r_max_A=rdf_r_max_A,
                                    rdf_bin_width_A=args.rdf_bin_width,
                                    msd_segments=args.msd_segments)
                    for run in runs]
     for item in observables:
         notes.extend(item.notes)
-    summary = summarise(observables, reference)
+    summary = summarise(observables, reference, margins)
+    notes.extend(summary.notes)
 
     out_dir = args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_summary_csv(summary, out_dir / "summary.csv")
+    write_summary_csv(summary, out_dir / "summary.csv")
     if reference is not None:
-        _write_differences_csv(summary, out_dir / "differences.csv")
+        write_differences_csv(summary, out_dir / "differences.csv")
+        write_certificate(summary, out_dir / "certificate.json")
     plot_traces(observables, out_dir / "thermo.png")
     if rdf_r_max_A is not None:
         plot_rdfs(observables, out_dir / "rdf.png")
     plot_msds(observables, out_dir / "msd.png")
     markdown_path = out_dir / "summary.md"
-    markdown = _markdown(runs, groups, summary, {}, notes, args)
+    markdown = _markdown(runs, groups, starts, summary, {}, notes, args)
     markdown_path.write_text(markdown, encoding="utf-8")
     # Written last: a model evaluation that fails leaves the tables and plots above.
     if args.static_deviations:
-        deviations = _static_deviations(runs, groups, args)
-        _write_deviations_csv(deviations, out_dir / "static_deviations.csv")
-        markdown = _markdown(runs, groups, summary, deviations, notes, args)
+        deviations = _static_deviations(runs, groups, starts, args)
+        write_deviations_csv(deviations, REFERENCE_POLICY, out_dir / "static_deviations.csv")
+        markdown = _markdown(runs, groups, starts, summary, deviations, notes, args)
         markdown_path.write_text(markdown, encoding="utf-8")
     return markdown
 
@@ -144,7 +172,8 @@ def _reference_group(runs: list[Run], groups: dict, reference_paths: set) -> str
     return labels.pop() if labels else None
 
 
-def _static_deviations(runs: list[Run], groups: dict, args) -> dict[str, StaticDeviations]:
+def _static_deviations(runs: list[Run], groups: dict, starts: dict,
+                       args) -> dict[str, StaticDeviations]:
     """Re-evaluate production frames of each non-FP64 group under FP64 and its own policy."""
     # Imported here: comparing trajectories alone must not load torch and mace.
     from mace_lpcalc.calculator import LowPrecisionMACECalculator
@@ -176,8 +205,8 @@ def _static_deviations(runs: list[Run], groups: dict, args) -> dict[str, StaticD
         per_run = int(np.ceil(args.max_frames / len(group_runs)))
         structures = []
         for run in group_runs:
-            start = production_start(run.n_frames, args.discard_fraction)
-            frames = np.unique(np.linspace(start, run.n_frames - 1, per_run).round().astype(int))
+            frames = np.unique(np.linspace(starts[run.path], run.n_frames - 1,
+                                           per_run).round().astype(int))
             structures.extend(run.to_atoms(int(i)) for i in frames)
         run = group_runs[0]
         results[group] = evaluate_static_deviations(
@@ -199,14 +228,15 @@ def format_estimate(mean: float, stderr: float) -> str:
     return f"{mean:.{decimals}f} ± {stderr:.{decimals}f}"
 
 
-def _markdown(runs, groups, summary: Summary, deviations, notes, args) -> str:
+def _markdown(runs, groups, starts, summary: Summary, deviations, notes, args) -> str:
     lines = ["# MD comparison", "",
-             "| Run | Group | Seed | Protocol | Frames | Length (ps) |",
-             "|---|---|---|---|---|---|"]
+             "| Run | Group | Seed | Protocol | Frames | Length (ps) | Production from (ps) |",
+             "|---|---|---|---|---|---|---|"]
     for run in runs:
         time_ps = run.time_ps
         lines.append(f"| {run.path.name} | {groups[run.path]} | {run.seed} | {run.protocol} | "
-                     f"{run.n_frames} | {time_ps[-1] - time_ps[0]:.4g} |")
+                     f"{run.n_frames} | {time_ps[-1] - time_ps[0]:.4g} | "
+                     f"{time_ps[starts[run.path]] - time_ps[0]:.4g} |")
     lines += ["", "## Final means (mean ± standard error)", ""]
     header = [f"{g} (n={_n_runs(summary, g)})" for g in summary.groups]
     lines += [_row(["Metric", "Unit", *header]), _row(["---"] * (2 + len(header)))]
@@ -215,23 +245,10 @@ def _markdown(runs, groups, summary: Summary, deviations, notes, args) -> str:
         for group in summary.groups:
             average = summary.averages[group].get(key)
             cell = "—" if average is None else format_estimate(average.mean, average.stderr)
-            cells.append(cell + (" †" if key in summary.unconverged[group] else ""))
+            cells.append(cell + (" †" if key in summary.unreliable[group] else ""))
         lines.append(_row([*key, *cells]))
-    if summary.reference is not None and summary.differences:
-        compared = list(summary.differences)
-        lines += ["", f"## Differences vs {summary.reference} (Δ ± standard error, "
-                      "relative Δ, two-sided p)", "",
-                  _row(["Metric", "Unit", *compared]), _row(["---"] * (2 + len(compared)))]
-        for key in summary.metrics:
-            if not any(key in summary.differences[g] for g in compared):
-                continue
-            reference_mean = summary.averages[summary.reference][key].mean
-            cells = []
-            for group in compared:
-                difference = summary.differences[group].get(key)
-                cells.append("—" if difference is None
-                             else _difference_cell(difference, reference_mean))
-            lines.append(_row([*key, *cells]))
+    if any(summary.equivalence.values()):
+        lines += _equivalence_lines(summary)
     if deviations:
         lines += ["", f"## Static deviations vs {REFERENCE_POLICY} (mean / P95 over frames)", "",
                   _row(["Metric", "Unit", *deviations]), _row(["---"] * (2 + len(deviations)))]
@@ -240,22 +257,65 @@ def _markdown(runs, groups, summary: Summary, deviations, notes, args) -> str:
                      f"(n={s.n_structures})" for s in deviations.values()]
             lines.append(_row([label, unit, *cells]))
     lines += _sentinel_lines(runs)
+    production = (f"after the first {args.discard_fraction:.0%} of its frames"
+                  if args.discard_fraction is not None else
+                  "where pymbar's equilibration criterion (the most effectively independent "
+                  "samples after it, searched over the first half) puts it: the later of the "
+                  "starts for the potential energy and, in NPT, the density")
     lines += ["", "## Notes", "",
-              f"- Means are over the frames after the first {args.discard_fraction:.0%} of each "
-              "run. Errors are standard errors over seeds where a group has two or more runs; "
-              "for a single run they come from blocking (Flyvbjerg–Petersen), from fits to "
-              "independent trajectory segments (D), or from the regression (energy drift).",
+              f"- Each run's production part starts {production}; means are over it. Errors "
+              "are standard errors over seeds where a group has two or more runs; for a single "
+              "run they come from the statistical inefficiency of the series (pymbar), from "
+              "fits to independent trajectory segments (D), or from the regression widened by "
+              "the residuals' statistical inefficiency (energy drift). The MSD and g(r) peak "
+              "rows have no single-run error.",
               "- D is the Einstein coefficient, slope(MSD)/6, fitted from 10% to 50% of a "
-              "segment's length; the MSD row has no single-run error.",
-              "- Energy drift is the slope of the conserved energy (the total energy in NVE).",
-              "- p: Welch's t over seeds when both groups have two or more runs, otherwise a "
-              "z test; * marks p < 0.05. Wall time and throughput differences are costs, "
-              "not errors."]
-    if any(summary.unconverged.values()):
-        lines.append("- † blocking did not converge (run too short for its correlation "
-                     "time): the error is a lower bound.")
+              "segment's length. The g(r) peak is the first maximum of the heaviest element's "
+              "like-pair RDF, refined to sub-bin precision."]
+    if has_conserved_energy(runs[0].protocol):
+        lines.append("- Energy drift is the slope of the conserved energy (the total energy in "
+                     "NVE, the extended-system energy of MTK in NPT).")
+    if any(summary.unreliable.values()):
+        lines.append("- † fewer than 10 effectively independent samples (run short for its "
+                     "correlation time): the error is likely an underestimate.")
     lines += [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
+
+
+def _equivalence_lines(summary: Summary) -> list[str]:
+    """The equivalence table: one row per group and tested observable, then how to read it."""
+    reference = summary.reference
+    lines = ["", f"## Equivalence vs {reference} (two one-sided tests, α = {ALPHA})", "",
+             _row(["Group", "Observable", "Unit", "Difference", "90 % CI", "Margin", "MDD",
+                   "Verdict"]), _row(["---"] * 8)]
+    for group, rows in summary.equivalence.items():
+        for row in rows:
+            result = row.result
+            if row.margin_key == "energy_drift_ratio":
+                margin = (f"< {result.margin:.3g} ({summary.margins[row.margin_key]:g}× "
+                          f"{DRIFT_REFERENCE_POLICY})")
+            else:
+                margin = f"±{result.margin:g}"
+            low, high = result.ci90
+            defined = result.is_defined
+            lines.append(_row([
+                group, row.metric[0], result.unit,
+                f"{result.difference:+.3g}" if np.isfinite(result.difference) else "—",
+                f"[{low:+.3g}, {high:+.3g}]" if defined else "—", margin,
+                f"{result.minimum_detectable_difference:.2g}" if defined else "—",
+                result.describe()]))
+    lines += ["",
+              f"Difference: group − {reference} (in % of {reference}'s mean where the margin "
+              "is in %; the energy drift compares drift magnitudes with the "
+              f"{DRIFT_REFERENCE_POLICY} group's, one-sided). 90 % CI: difference ± t₀.₉₅·s, s "
+              "from Welch's combination of seed spreads (both groups ≥ 2 runs) or of the runs' "
+              "own errors (normal quantile). Equivalent: the CI lies inside the margin; "
+              "different: wholly outside it; inconclusive: neither, with the production time "
+              "still needed from s ∝ 1/√T, (k − 1)·T with k = (t₀.₉₅·s / |margin − |d||)². "
+              "MDD (minimum detectable difference) = t₀.₉₅·s, the smallest margin these data "
+              "would call equivalent at a zero difference. No CI or p-value where s is "
+              "undefined."]
+    return lines
 
 
 def _sentinel_lines(runs) -> list[str]:
@@ -277,77 +337,12 @@ def _sentinel_lines(runs) -> list[str]:
     return lines
 
 
-def _difference_cell(difference, reference_mean: float) -> str:
-    text = format_estimate(difference.delta, difference.stderr)
-    if not text.startswith("-") and text != "n/a":
-        text = "+" + text
-    relative = (np.format_float_positional(100 * difference.delta / abs(reference_mean),
-                                           precision=2, fractional=False, sign=True,
-                                           trim="-") + "%"
-                if reference_mean else "n/a")
-    if np.isfinite(difference.p_value):
-        p_text = "p<0.001" if difference.p_value < 0.001 else f"p={difference.p_value:.2g}"
-        p_text += " *" if difference.is_significant() else ""
-    else:
-        p_text = "p n/a"
-    return f"{text} ({relative}, {p_text})"
-
-
 def _n_runs(summary: Summary, group: str) -> int:
     return max(a.n_runs for key, a in summary.averages[group].items() if a.error_kind != "derived")
 
 
-def _number(value) -> str:
-    return repr(float(value))
-
-
 def _row(cells) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
-def _write_summary_csv(summary: Summary, path: Path) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["metric", "unit", "group", "n_runs", "mean", "stderr", "error_kind",
-                         "converged"])
-        for key in summary.metrics:
-            for group in summary.groups:
-                average = summary.averages[group].get(key)
-                if average is not None:
-                    writer.writerow([*key, group, average.n_runs, _number(average.mean),
-                                     _number(average.stderr), average.error_kind,
-                                     key not in summary.unconverged[group]])
-
-
-def _write_differences_csv(summary: Summary, path: Path) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["metric", "unit", "group", "reference", "delta", "stderr",
-                         "relative_percent", "test", "statistic", "dof", "p_value"])
-        for key in summary.metrics:
-            for group, differences in summary.differences.items():
-                difference = differences.get(key)
-                if difference is None:
-                    continue
-                reference_mean = summary.averages[summary.reference][key].mean
-                relative = (100 * difference.delta / abs(reference_mean) if reference_mean
-                            else np.nan)
-                writer.writerow([*key, group, summary.reference, _number(difference.delta),
-                                 _number(difference.stderr), _number(relative), difference.test,
-                                 _number(difference.statistic), _number(difference.dof),
-                                 _number(difference.p_value)])
-
-
-def _write_deviations_csv(deviations: dict[str, StaticDeviations], path: Path) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["group", "reference_policy", "metric", "unit", "mean", "p95",
-                         "n_structures"])
-        for group, result in deviations.items():
-            for _attribute, label, unit in DEVIATION_METRICS:
-                mean, p95 = result.summary()[label]
-                writer.writerow([group, REFERENCE_POLICY, label, unit, _number(mean), _number(p95),
-                                 result.n_structures])
 
 
 if __name__ == "__main__":

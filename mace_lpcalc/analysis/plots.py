@@ -17,7 +17,8 @@ from mace_lpcalc.analysis.report import RunObservables
 
 
 def plot_traces(observables: list[RunObservables], path) -> Path:
-    """Temperature, density, potential energy and energy drift against time."""
+    """Temperature, density, potential energy and the conserved energy (for NVT, which
+    conserves none, the total energy) against time; the equilibration part is shaded."""
     names = list(dict.fromkeys(name for item in observables for name in item.traces))
 
     def curves(item, name):

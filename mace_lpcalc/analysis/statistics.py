@@ -1,47 +1,79 @@
-"""Statistics for correlated MD series: blocking, seed averages and significance of differences.
+"""Statistics for correlated MD series: averages with errors, seed averages, differences.
 
-* :func:`block_average` — mean and standard error of a time series by Flyvbjerg–Petersen
-  blocking (J. Chem. Phys. 91, 461 (1989)), with the block size chosen by the criterion of
-  Lee et al. (Phys. Rev. E 83, 066706 (2011), eq. 14), as in the ``pyblock`` package.
+* :func:`timeseries_average` — mean of a time series with the standard error from its
+  statistical inefficiency g = 1 + 2τ (pymbar's ``timeseries.statistical_inefficiency``,
+  Chodera et al., J. Chem. Theory Comput. 3, 26 (2007)): SE = √(g s² / n).
+* :func:`equilibration_start` — where a series' production part starts, by the
+  criterion of pymbar's ``timeseries.detect_equilibration`` (Chodera, J. Chem. Theory
+  Comput. 12, 1799 (2016)): the origin, within the first half, that maximises the number
+  of effectively independent samples after it.
 * :func:`seed_average` — the mean over independent runs (seeds) with its standard error.
 * :func:`z_difference` / :func:`welch_difference` / :func:`difference_of_averages` — a
-  difference between two estimates, its standard error and a two-sided p-value.
+  difference between two estimates, its standard error and a two-sided p-value (NaN where
+  the standard error is undefined). Whether two policies agree is decided by the
+  equivalence tests of :mod:`mace_lpcalc.analysis.equivalence`, not by these p-values.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
 
-# Levels with fewer blocks than this give a standard error too noisy to use.
-_MIN_BLOCKS = 8
+
+def _import_pymbar_timeseries():
+    """pymbar's ``timeseries`` module, imported without the warnings pymbar logs on import.
+
+    Importing any part of pymbar logs a caution about correlation times (which
+    :class:`TimeseriesAverage` carries as ``reliable``) and a note about the optional JAX
+    solver of its MBAR estimator (not used here); neither belongs on a user's terminal.
+    """
+    logger = logging.getLogger("pymbar")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from pymbar import timeseries
+    finally:
+        logger.setLevel(level)
+    return timeseries
+
+
+_timeseries = _import_pymbar_timeseries()
+
+# Below this many effectively independent samples the correlation function that g is
+# summed from is too noisy (it is cut at its first zero crossing), and g tends to be
+# underestimated.
+_MIN_EFFECTIVE_SAMPLES = 10
+# equilibration_start tries this many time origins at most (evenly spaced): each costs
+# one statistical-inefficiency estimate over the rest of the series.
+_MAX_EQUILIBRATION_ORIGINS = 500
 
 
 @dataclass(frozen=True)
-class BlockAverage:
-    """Mean of a correlated series with its blocking standard error.
+class TimeseriesAverage:
+    """Mean of a correlated series with its autocorrelation-aware standard error.
 
-    ``stderr`` is the standard error at the chosen block size ``block_size`` (samples
-    per block) and ``stderr_error`` its own uncertainty. ``naive_stderr`` is σ/√n, which
-    is right only for uncorrelated samples. ``converged`` is False when no block size
-    met the criterion (the series is too short for its correlation time); ``stderr``
-    is then the largest estimate over levels with at least 8 blocks, a lower bound.
+    ``stderr = √(g s² / n)``: s² is the sample variance of the ``n_samples`` values and
+    ``statistical_inefficiency`` g = 1 + 2τ the number of samples per effectively
+    independent one (τ the integrated autocorrelation time in samples). ``reliable`` is
+    False when fewer than 10 effectively independent samples remain: g then tends to be
+    underestimated, and so does the error.
     """
 
     mean: float
     stderr: float
-    stderr_error: float
-    naive_stderr: float
-    block_size: int
+    statistical_inefficiency: float
     n_samples: int
-    converged: bool
 
     @property
-    def statistical_inefficiency(self) -> float:
-        """(stderr / naive stderr)²: samples per effectively independent sample."""
-        return (self.stderr / self.naive_stderr) ** 2 if self.naive_stderr > 0 else 1.0
+    def n_effective(self) -> float:
+        return self.n_samples / self.statistical_inefficiency
+
+    @property
+    def reliable(self) -> bool:
+        return self.n_effective >= _MIN_EFFECTIVE_SAMPLES
 
 
 @dataclass(frozen=True)
@@ -70,7 +102,8 @@ class SeedAverage:
 
     With two or more runs ``stderr`` is their sample standard deviation over √n
     (``error_kind = "seeds"``); with one run it is that run's own error estimate
-    (``error_kind = "run"``, e.g. a blocking error). ``values`` holds the per-run numbers.
+    (``error_kind = "run"``, e.g. a statistical-inefficiency error). ``values`` holds the
+    per-run numbers.
     """
 
     mean: float
@@ -83,41 +116,50 @@ class SeedAverage:
         return len(self.values)
 
 
-def block_average(series) -> BlockAverage:
-    """Flyvbjerg–Petersen block average of a 1-D series, shape ``(n_samples,)``.
+def statistical_inefficiency(series) -> float:
+    """g = 1 + 2τ of a 1-D series (pymbar), 1 for a constant series (nothing correlates)."""
+    data = _check_series(series, 2)
+    if np.ptp(data) == 0:
+        return 1.0
+    return float(_timeseries.statistical_inefficiency(data))
 
-    The series is halved repeatedly by averaging neighbouring pairs; at each level the
-    standard error σ_k/√n_k is computed. The level used is the smallest block size B
-    with B³ > 2 n (SE_B / SE_1)⁴ (Lee et al. 2011), i.e. long enough compared with the
-    correlation time that the blocks are independent.
+
+def timeseries_average(series) -> TimeseriesAverage:
+    """Mean of a 1-D series, shape ``(n_samples,)``, with its statistical-inefficiency error.
+
+    See :class:`TimeseriesAverage`. For an AR(1) series x_t = φ x_{t−1} + ε_t the error
+    tends to σ_ε / ((1 − φ) √n), the analytic standard error of the mean.
     """
-    data = np.asarray(series, dtype=float)
-    if data.ndim != 1:
-        raise ValueError(f"series must be one-dimensional, got shape {data.shape}")
-    if len(data) < 2 * _MIN_BLOCKS:
-        raise ValueError(f"block averaging needs at least {2 * _MIN_BLOCKS} samples, "
-                         f"got {len(data)}")
-    if not np.all(np.isfinite(data)):
-        raise ValueError("series contains non-finite values")
-    n_samples = len(data)
-    mean = float(data.mean())
-    levels = []  # (block size, stderr, stderr error)
-    block_size = 1
-    while len(data) >= _MIN_BLOCKS:
-        n_blocks = len(data)
-        stderr = float(np.sqrt(data.var(ddof=1) / n_blocks))
-        levels.append((block_size, stderr, stderr / np.sqrt(2.0 * (n_blocks - 1))))
-        paired = 2 * (n_blocks // 2)
-        data = 0.5 * (data[0:paired:2] + data[1:paired:2])
-        block_size *= 2
-    naive = levels[0][1]
-    if naive == 0.0:
-        return BlockAverage(mean, 0.0, 0.0, 0.0, 1, n_samples, True)
-    for size, stderr, stderr_error in levels:
-        if size**3 > 2.0 * n_samples * (stderr / naive) ** 4:
-            return BlockAverage(mean, stderr, stderr_error, naive, size, n_samples, True)
-    size, stderr, stderr_error = max(levels, key=lambda level: level[1])
-    return BlockAverage(mean, stderr, stderr_error, naive, size, n_samples, False)
+    data = _check_series(series, 2)
+    g = statistical_inefficiency(data)
+    return TimeseriesAverage(float(data.mean()), float(np.sqrt(g * data.var(ddof=1) / len(data))),
+                             g, len(data))
+
+
+def equilibration_start(series) -> int:
+    """Index of the first production sample of a 1-D series, shape ``(n_samples,)``.
+
+    The criterion of pymbar's ``timeseries.detect_equilibration`` (Chodera, J. Chem.
+    Theory Comput. 12, 1799 (2016)): the start t₀ maximises the effective number of
+    samples (n − t₀) / g(t₀) after it, g from pymbar's ``statistical_inefficiency`` (full
+    correlation sum, not its "fast" approximation), so an initial transient, which
+    inflates g, is cut off and a stationary series keeps (nearly) everything. Unlike
+    pymbar's function, t₀ is searched over the first half of the series only: on short
+    series the noise of g lets the unbounded search pick late starts for a stationary
+    series (for 120 samples of an AR(1) series with φ = 0.7 it discards over half in one
+    case in eight). A start at the limit means the series may not have equilibrated. At
+    most 500 evenly spaced origins are tried (pymbar's ``nskip``); a constant series, or
+    a constant remainder, counts as one effective sample, as in pymbar.
+    """
+    data = _check_series(series, 3)
+    if np.ptp(data) == 0:
+        return 0
+    last = len(data) // 2
+    nskip = max(1, int(np.ceil((last + 1) / _MAX_EQUILIBRATION_ORIGINS)))
+    origins = np.arange(0, last + 1, nskip)
+    n_effective = [(len(data) - t) / statistical_inefficiency(data[t:])
+                   if np.ptp(data[t:]) > 0 else 1.0 for t in origins]
+    return int(origins[int(np.argmax(n_effective))])
 
 
 def seed_average(run_means, run_stderrs=None) -> SeedAverage:
@@ -138,11 +180,17 @@ def seed_average(run_means, run_stderrs=None) -> SeedAverage:
 
 
 def z_difference(mean_a: float, stderr_a: float, mean_b: float, stderr_b: float) -> Difference:
-    """``a − b`` with stderr √(SE_a² + SE_b²) and a two-sided normal-approximation p-value."""
+    """``a − b`` with stderr √(SE_a² + SE_b²) and a two-sided normal-approximation p-value.
+
+    A NaN standard error (e.g. a single run of an observable with no per-run error) gives
+    a NaN statistic and p-value: there is nothing to test against.
+    """
     if stderr_a < 0 or stderr_b < 0:
         raise ValueError("standard errors must be non-negative")
     delta = float(mean_a - mean_b)
     stderr = float(np.hypot(stderr_a, stderr_b))
+    if not np.isfinite(stderr):
+        return Difference(delta, stderr, np.nan, np.nan, "z")
     statistic = _ratio(delta, stderr)
     return Difference(delta, stderr, statistic, float(2.0 * stats.norm.sf(abs(statistic))), "z")
 
@@ -169,6 +217,17 @@ def difference_of_averages(test: SeedAverage, reference: SeedAverage) -> Differe
     if test.n_runs >= 2 and reference.n_runs >= 2:
         return welch_difference(test.values, reference.values)
     return z_difference(test.mean, test.stderr, reference.mean, reference.stderr)
+
+
+def _check_series(series, min_samples: int) -> np.ndarray:
+    data = np.asarray(series, dtype=float)
+    if data.ndim != 1:
+        raise ValueError(f"series must be one-dimensional, got shape {data.shape}")
+    if len(data) < min_samples:
+        raise ValueError(f"the series needs at least {min_samples} samples, got {len(data)}")
+    if not np.all(np.isfinite(data)):
+        raise ValueError("series contains non-finite values")
+    return data
 
 
 def _ratio(delta: float, stderr: float) -> float:

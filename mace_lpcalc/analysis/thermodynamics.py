@@ -1,9 +1,29 @@
-"""Thermodynamic series: energy drift and the production part of a run."""
+"""Thermodynamic series: energy drift, and which protocols conserve an energy.
+
+Only an integrator with a conserved quantity has a drift worth reporting: velocity
+Verlet (NVE, the total energy) and isotropic MTK (NPT, its extended-system energy). ASE's
+Langevin integrator (NVT) exchanges heat with its bath and exposes no conserved quantity,
+so its runs log the plain total energy as ``conserved_energy``
+(:mod:`mace_lpcalc.md.trajectory`); a slope of that says nothing about the integration.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 from scipy import stats
+
+from mace_lpcalc.analysis.statistics import statistical_inefficiency
+
+#: Protocols (the trajectory's ``protocol`` attribute) whose ``conserved_energy`` series is
+#: not conserved: the ``conserves_energy = False`` protocols of :mod:`mace_lpcalc.md`
+#: (listed here because the analysis floor does not import the MD floor, which loads
+#: torch; a test checks that the two agree).
+PROTOCOLS_WITHOUT_CONSERVED_ENERGY = frozenset({"nvt"})
+
+
+def has_conserved_energy(protocol: str) -> bool:
+    """Whether runs of ``protocol`` log a truly conserved energy (so a drift means something)."""
+    return protocol not in PROTOCOLS_WITHOUT_CONSERVED_ENERGY
 
 
 def energy_drift(time_ps, total_energy_eV, n_atoms: int) -> tuple[float, float]:
@@ -11,8 +31,10 @@ def energy_drift(time_ps, total_energy_eV, n_atoms: int) -> tuple[float, float]:
 
     ``time_ps`` and ``total_energy_eV`` have shape ``(n_frames,)``. Returns the
     least-squares slope (``scipy.stats.linregress``) divided by ``n_atoms``, and its
-    standard error. The regression error treats the fluctuations about the line as
-    independent, so for strongly correlated fluctuations it is a lower bound.
+    standard error: the regression's, which treats the fluctuations about the line as
+    independent, times √g of those fluctuations (their statistical inefficiency,
+    :func:`~mace_lpcalc.analysis.statistics.statistical_inefficiency`), so that
+    correlated fluctuations widen it as they widen the error of a mean.
     """
     time_ps = np.asarray(time_ps, dtype=float)
     energy = np.asarray(total_energy_eV, dtype=float)
@@ -28,12 +50,8 @@ def energy_drift(time_ps, total_energy_eV, n_atoms: int) -> tuple[float, float]:
     if np.ptp(time_ps) == 0:
         raise ValueError("time_ps must span a non-zero interval")
     fit = stats.linregress(time_ps, energy)
+    residuals = energy - (fit.intercept + fit.slope * time_ps)
     to_meV_per_atom = 1000.0 / n_atoms
-    return float(fit.slope * to_meV_per_atom), float(fit.stderr * to_meV_per_atom)
+    stderr = fit.stderr * np.sqrt(statistical_inefficiency(residuals))
+    return float(fit.slope * to_meV_per_atom), float(stderr * to_meV_per_atom)
 
-
-def production_start(n_frames: int, discard_fraction: float) -> int:
-    """Index of the first production frame after discarding ``discard_fraction`` of a run."""
-    if not 0 <= discard_fraction < 1:
-        raise ValueError(f"discard_fraction must lie in [0, 1), got {discard_fraction}")
-    return int(np.floor(discard_fraction * n_frames))

@@ -1,25 +1,34 @@
 """Physical check of MACE NPT water runs against the reference engine's own NPT run.
 
 ``python -m mace_lpcalc.training.reference.check REF.h5 [RUN.h5 ...] [--out check.json]
-[--discard-fraction 0.2]``
+[--discard-fraction F]``
 
 REF.h5 comes from :mod:`mace_lpcalc.training.reference.npt` (SPC/Fw in OpenMM), the RUN files
 from ``python -m mace_lpcalc.protocols.npt`` with a MACE model trained on SPC/Fw data
-(several seeds and precision policies). Every run loses its first ``--discard-fraction``
-of frames as equilibration; then, per run:
+(several seeds and precision policies). Every run's production part starts where
+:func:`~mace_lpcalc.analysis.report.production_start_frame` puts it, as in
+``python -m mace_lpcalc.compare``: pymbar's equilibration criterion on the potential
+energy and the density, or after a leading ``--discard-fraction`` of its frames. Then,
+per run:
 
-* mean density with its blocking standard error (:func:`~mace_lpcalc.analysis.block_average`);
+* mean density with its standard error from the series' statistical inefficiency
+  (:func:`~mace_lpcalc.analysis.timeseries_average`);
 * RDF peaks from :func:`~mace_lpcalc.analysis.radial_distribution` (0.05 Å bins): the
   first O–O peak, the intramolecular and first intermolecular O–H and H–H peaks, each
-  located to sub-bin precision by :func:`peak_position`, with a standard error from the
-  spread of the peak over ``--segments`` contiguous segments of the run.
+  located to sub-bin precision by :func:`~mace_lpcalc.analysis.first_peak` within its
+  window, with a standard error from the spread of the peak over ``--segments``
+  contiguous segments of the run.
 
 Runs are grouped by precision policy (and backend, when several appear); per group the
 seed average (:func:`~mace_lpcalc.analysis.seed_average`: spread over seeds for two or
 more runs, the run's own error for one) is compared with the reference. Targets: the
-density within 2 % of the reference and the first O–O peak within 0.05 Å. A target is
-"met" when the point estimate lies within it, and "met at 2σ" when the estimate plus two
-combined standard errors still does; both are reported, as are the raw numbers.
+density within 2 % of the reference and the first O–O peak within 0.05 Å, each tested
+for equivalence (two one-sided tests at α = 0.05 with the target as margin,
+:func:`~mace_lpcalc.analysis.equivalence_test`): the ``verdict`` is ``equivalent`` when
+the 90 % confidence interval lies inside ±target, ``different`` when wholly outside it,
+``inconclusive`` otherwise; ``met`` says whether the point estimate alone lies within it.
+The other peak shifts are differences from the reference with their standard error and
+the two-sided test of a zero shift (:func:`~mace_lpcalc.analysis.difference_of_averages`).
 
 Without RUN files only the reference run is summarised (with its provenance), which is
 what ``bench/results`` keeps for the reference.
@@ -31,15 +40,16 @@ import argparse
 import itertools
 import json
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from mace_lpcalc.analysis import (Run, block_average, difference_of_averages, load_run,
-                        max_rdf_radius_A, radial_distribution, seed_average)
-from mace_lpcalc.analysis.report import group_label
-from mace_lpcalc.analysis.thermodynamics import production_start
+from mace_lpcalc.analysis import (Equivalence, Run, difference_of_averages, equivalence_test,
+                                  first_peak, load_run, max_rdf_radius_A, radial_distribution,
+                                  seed_average, timeseries_average)
+from mace_lpcalc.analysis.equivalence import ALPHA
+from mace_lpcalc.analysis.outputs import json_number
+from mace_lpcalc.analysis.report import group_label, production_start_frame
 from mace_lpcalc.md.trajectory import read_trajectory
 
 DENSITY_TARGET_RELATIVE = 0.02
@@ -47,7 +57,7 @@ OO_PEAK_TARGET_A = 0.05
 RDF_BIN_WIDTH_A = 0.05
 #: RDFs are histogrammed out to this radius (or less in small boxes); the peaks lie below.
 RDF_R_MAX_A = 6.0
-#: Where each RDF peak is looked for (Å): a maximum must lie strictly inside its window.
+#: Where each RDF peak is looked for (Å): ``first_peak`` searches only the bins inside.
 #: The O–H and H–H RDFs include the intramolecular pairs, whose sharp peaks (bond, H···H
 #: of one molecule) come before the first intermolecular (hydrogen-bond) peaks.
 PEAK_WINDOWS_A = {
@@ -58,52 +68,6 @@ PEAK_WINDOWS_A = {
     "H-H first intermolecular": (("H", "H"), (1.95, 2.9)),
 }
 TARGETS = {"density_relative": DENSITY_TARGET_RELATIVE, "O-O first_A": OO_PEAK_TARGET_A}
-
-
-@dataclass(frozen=True)
-class Peak:
-    """A peak of g(r): ``position_A`` (Å) and ``height`` (g at the position)."""
-
-    position_A: float
-    height: float
-
-
-def peak_position(r_A, g, window_A: tuple[float, float], fit_half_width_A: float = 0.1) -> Peak:
-    """Sub-bin position and height of the maximum of ``g`` inside ``window_A``.
-
-    ``r_A``: increasing bin centres (Å), shape ``(n_bins,)``; ``g``: g(r) there. The
-    largest ``g`` inside the window must not sit on the window's edge (else there is no
-    peak inside it: ``ValueError``). A parabola is fitted by least squares to ln g over
-    the bins within ``fit_half_width_A`` of that maximum: a Gaussian fit, exact for a
-    Gaussian peak wherever it falls between bin centres.
-    """
-    r_A, g = np.asarray(r_A, dtype=float), np.asarray(g, dtype=float)
-    if r_A.ndim != 1 or r_A.shape != g.shape:
-        raise ValueError(f"r_A and g must be 1-D of one shape, got {r_A.shape} and {g.shape}")
-    if len(r_A) < 3 or np.any(np.diff(r_A) <= 0):
-        raise ValueError("r_A must hold at least 3 increasing bin centres")
-    low, high = window_A
-    inside = np.flatnonzero((r_A >= low) & (r_A <= high))
-    if len(inside) < 3:
-        raise ValueError(f"the window {window_A} Å holds fewer than 3 bins")
-    top = inside[np.argmax(g[inside])]
-    if top in (inside[0], inside[-1]):
-        raise ValueError(f"g(r) has no maximum inside {low}–{high} Å (largest value at the "
-                         f"window edge, r = {r_A[top]:.3f} Å)")
-    offsets = r_A - r_A[top]
-    fitted = np.flatnonzero((np.abs(offsets) <= fit_half_width_A * (1 + 1e-9)) & (g > 0))
-    if len(fitted) < 3:
-        raise ValueError(f"fewer than 3 positive bins within {fit_half_width_A} Å of the "
-                         f"maximum at {r_A[top]:.3f} Å")
-    curvature, slope, intercept = np.polyfit(offsets[fitted], np.log(g[fitted]), 2)
-    if curvature >= 0:
-        raise ValueError(f"ln g(r) is not concave around {r_A[top]:.3f} Å")
-    shift = -slope / (2 * curvature)
-    if abs(shift) > fit_half_width_A:
-        raise ValueError(f"the fitted peak lies {shift:+.3f} Å from the largest bin at "
-                         f"{r_A[top]:.3f} Å, outside the fitted points")
-    return Peak(float(r_A[top] + shift),
-                float(np.exp(intercept - slope**2 / (4 * curvature))))
 
 
 def rdf_radius_A(run: Run, start: int) -> float:
@@ -140,17 +104,15 @@ def run_peaks(run: Run, start: int, n_segments: int) -> dict:
             peaks[name] = {"error": f"RDF range {whole.r_A[-1]:.2f} Å ends before the window"}
             continue
         try:
-            peak = peak_position(whole.r_A, whole.g, window)
-            segment_peaks = [peak_position(part.r_A, part.g, window) for part in parts]
+            position_A, height = first_peak(whole, window)
+            positions, heights = np.array([first_peak(part, window) for part in parts]).T
         except ValueError as err:
             peaks[name] = {"error": str(err)}
             continue
-        positions = np.array([p.position_A for p in segment_peaks])
-        heights = np.array([p.height for p in segment_peaks])
         peaks[name] = {
-            "position_A": peak.position_A,
+            "position_A": position_A,
             "position_stderr_A": float(positions.std(ddof=1) / np.sqrt(n_segments)),
-            "height": peak.height,
+            "height": height,
             "height_stderr": float(heights.std(ddof=1) / np.sqrt(n_segments)),
         }
     return peaks
@@ -167,13 +129,14 @@ def throughput_ns_per_day(run: Run) -> float:
     return simulated_ps / 1000.0 / float(wall[finite].sum()) * 86400.0
 
 
-def run_summary(run: Run, discard_fraction: float, n_segments: int) -> dict:
-    """Density (block average) and RDF peaks of one run over its production frames."""
+def run_summary(run: Run, discard_fraction: float | None, n_segments: int) -> dict:
+    """Density (statistical-inefficiency error) and RDF peaks of one run over its production
+    frames (:func:`~mace_lpcalc.analysis.report.production_start_frame`)."""
     if "density" not in run.series:
         raise ValueError(f"{run.path} is not periodic: it has no density")
-    start = production_start(run.n_frames, discard_fraction)
+    start = production_start_frame(run, discard_fraction)
     try:
-        density = block_average(run.series["density"][start:])
+        density = timeseries_average(run.series["density"][start:])
     except ValueError as err:
         raise ValueError(f"{run.path}: cannot average the density: {err}") from err
     time_ps = run.time_ps
@@ -183,7 +146,8 @@ def run_summary(run: Run, discard_fraction: float, n_segments: int) -> dict:
         "n_frames": run.n_frames, "n_frames_used": run.n_frames - start,
         "time_used_ps": [float(time_ps[start]), float(time_ps[-1])],
         "density_g_cm3": {"mean": density.mean, "stderr": density.stderr,
-                          "converged": density.converged, "block_size": density.block_size},
+                          "statistical_inefficiency": density.statistical_inefficiency,
+                          "reliable": density.reliable},
         "temperature_K": float(np.mean(run.series["temperature"][start:])),
         "rdf_peaks": run_peaks(run, start, n_segments),
         "ns_per_day": throughput_ns_per_day(run),
@@ -191,7 +155,8 @@ def run_summary(run: Run, discard_fraction: float, n_segments: int) -> dict:
 
 
 def compare_groups(reference: dict, runs: list[dict], groups: list[str]) -> dict:
-    """Seed averages per group and their differences from the reference, with verdicts."""
+    """Seed averages per group and their differences from the reference, with the
+    equivalence verdicts of the targeted ones."""
     members = defaultdict(list)
     for group, summary in zip(groups, runs, strict=True):
         members[group].append(summary)
@@ -199,20 +164,21 @@ def compare_groups(reference: dict, runs: list[dict], groups: list[str]) -> dict
     ref_density_average = seed_average([ref_density["mean"]], [ref_density["stderr"]])
     comparison = {}
     for group, items in members.items():
+        production_ps = sum(end - start for start, end in (s["time_used_ps"] for s in items))
         densities = seed_average([s["density_g_cm3"]["mean"] for s in items],
                                  [s["density_g_cm3"]["stderr"] for s in items])
-        difference = difference_of_averages(densities, ref_density_average)
-        relative = difference.delta / ref_density_average.mean
-        relative_stderr = difference.stderr / ref_density_average.mean
+        # In fractions of the reference density, whose mean is taken as exact.
+        density_test = equivalence_test(densities, ref_density_average,
+                                        DENSITY_TARGET_RELATIVE, relative=False, unit="1",
+                                        scale=1.0 / ref_density_average.mean,
+                                        aggregate_ps=production_ps)
         entry = {
             "n_runs": len(items), "seeds": [s["seed"] for s in items],
             "density_g_cm3": {"mean": densities.mean, "stderr": densities.stderr,
                               "error_kind": densities.error_kind,
-                              "unconverged_runs": [s["path"] for s in items
-                                                   if not s["density_g_cm3"]["converged"]]},
-            "density_relative_difference": _verdict(relative, relative_stderr,
-                                                    DENSITY_TARGET_RELATIVE,
-                                                    difference.p_value),
+                              "unreliable_runs": [s["path"] for s in items
+                                                  if not s["density_g_cm3"]["reliable"]]},
+            "density_relative_difference": _target_verdict(density_test),
             "rdf_peaks": {},
         }
         for name in PEAK_WINDOWS_A:
@@ -226,42 +192,59 @@ def compare_groups(reference: dict, runs: list[dict], groups: list[str]) -> dict
                                     [p["position_stderr_A"] for p in located])
             height = seed_average([p["height"] for p in located],
                                   [p["height_stderr"] for p in located])
-            shift = difference_of_averages(position, seed_average(
-                [ref_peak["position_A"]], [ref_peak["position_stderr_A"]]))
-            target = OO_PEAK_TARGET_A if name == "O-O first" else None
+            ref_position = seed_average([ref_peak["position_A"]], [ref_peak["position_stderr_A"]])
+            if name == "O-O first":
+                shift = _target_verdict(equivalence_test(
+                    position, ref_position, OO_PEAK_TARGET_A, relative=False, unit="Å",
+                    aggregate_ps=production_ps))
+            else:
+                difference = difference_of_averages(position, ref_position)
+                shift = {"value": difference.delta, "stderr": difference.stderr,
+                         "p_value": difference.p_value}
             entry["rdf_peaks"][name] = {
                 "position_A": position.mean, "position_stderr_A": position.stderr,
                 "height": height.mean, "height_stderr": height.stderr,
                 "height_relative_difference": height.mean / ref_peak["height"] - 1.0,
-                "position_difference_A": _verdict(shift.delta, shift.stderr, target,
-                                                  shift.p_value),
+                "position_difference_A": shift,
             }
         comparison[group] = entry
     return comparison
 
 
-def _verdict(value: float, stderr: float, target: float | None, p_value: float) -> dict:
-    verdict = {"value": float(value), "stderr": float(stderr), "p_value": float(p_value)}
-    if target is not None:
-        verdict.update(target=target, met=bool(abs(value) <= target),
-                       met_at_2_sigma=bool(abs(value) + 2 * stderr <= target))
-    return verdict
+def _target_verdict(result: Equivalence) -> dict:
+    """An equivalence test against a target as JSON: ``extra_ps`` is the further production
+    time the group needs to decide an inconclusive one (``null`` where undefined)."""
+    low, high = result.ci90
+    return {"value": result.difference, "stderr": result.stderr, "target": result.margin,
+            "met": bool(abs(result.difference) <= result.margin), "verdict": result.verdict,
+            "ci90": [json_number(low), json_number(high)],
+            "extra_ps": json_number(result.extra_ps)}
 
 
-def check(reference_path, run_paths, *, discard_fraction: float = 0.2,
+def check(reference_path, run_paths, *, discard_fraction: float | None = None,
           n_segments: int = 5) -> dict:
-    """The full comparison as a JSON-ready dict (see the module docstring)."""
+    """The full comparison as a JSON-ready dict (see the module docstring).
+
+    ``discard_fraction=None`` detects each run's production start (the module docstring).
+    """
     reference_run = load_run(reference_path)
     reference = run_summary(reference_run, discard_fraction, n_segments)
     created = read_trajectory(reference_path, names=("step",)).attrs.get("created")
     reference.update(created=created, settings=reference_run.settings,
                      versions=reference_run.versions)
+    production_start = ("pymbar equilibration criterion, the later start of the potential "
+                        "energy and the density" if discard_fraction is None else
+                        f"after the leading fraction {discard_fraction} of the frames")
     result = {
-        "settings": {"discard_fraction": discard_fraction, "rdf_segments": n_segments,
+        "settings": {"discard_fraction": discard_fraction, "production_start": production_start,
+                     "rdf_segments": n_segments,
                      "rdf_bin_width_A": RDF_BIN_WIDTH_A, "peak_windows_A": {
                          name: list(window) for name, (_, window) in PEAK_WINDOWS_A.items()},
-                     "peak_estimator": "least-squares parabola in ln g over bins within "
-                                       "0.1 A of the largest bin (Gaussian fit)"},
+                     "peak_estimator": "first local maximum in the window at least half as "
+                                       "high as its highest bin, refined by the parabola in "
+                                       "ln g through it and its two neighbours (Gaussian fit)",
+                     "target_test": f"two one-sided tests, alpha = {ALPHA}: equivalent when "
+                                    "the 90 % confidence interval lies inside +-target"},
         "targets": TARGETS,
         "reference": reference,
     }
@@ -291,7 +274,7 @@ def format_table(result: dict) -> str:
         lines.append(f"{group} ({entry['n_runs']} run(s)): density {density['mean']:.4f} ± "
                      f"{density['stderr']:.4f} g/cm3, Δρ/ρ_ref = {100 * relative['value']:+.2f} ± "
                      f"{100 * relative['stderr']:.2f} % "
-                     f"[target ±2 %: {_word(relative)}]")
+                     f"[target ±{100 * relative['target']:g} %: {_word(relative)}]")
         for name, peak in entry["rdf_peaks"].items():
             if "error" in peak:
                 lines.append(f"  {name:26s} {peak['error']}")
@@ -306,9 +289,11 @@ def format_table(result: dict) -> str:
 
 
 def _word(verdict: dict) -> str:
-    if verdict["met_at_2_sigma"]:
-        return "PASS (also at 2σ)"
-    return "PASS (not at 2σ)" if verdict["met"] else "FAIL"
+    decision = verdict["verdict"]
+    if decision == "inconclusive" and verdict["extra_ps"] is not None:
+        decision += f", needs ≈ {verdict['extra_ps']:.3g} ps more"
+    estimate = "within" if verdict["met"] else "outside"
+    return f"{decision} (90 % CI); point estimate {estimate}"
 
 
 def main(argv=None) -> dict:
@@ -317,8 +302,9 @@ def main(argv=None) -> dict:
     parser.add_argument("reference", help="reference NPT trajectory (reference.npt)")
     parser.add_argument("runs", nargs="*", help="MACE NPT trajectories (protocols.npt)")
     parser.add_argument("--out", help="write the result as JSON here")
-    parser.add_argument("--discard-fraction", type=float, default=0.2,
-                        help="leading fraction of every run left out (default 0.2)")
+    parser.add_argument("--discard-fraction", type=float, default=None,
+                        help="leave out this leading fraction of every run (default: detect "
+                             "each run's equilibration automatically)")
     parser.add_argument("--segments", type=int, default=5,
                         help="segments for the RDF peak standard errors (default 5)")
     args = parser.parse_args(argv)
