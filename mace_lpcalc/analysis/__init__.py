@@ -9,7 +9,9 @@ Pure functions over arrays (ASE units: Å, eV, ps, K, bar) plus a reader for run
 * :mod:`.statistics` — autocorrelation-aware averages (pymbar), equilibration detection,
   seed averages, differences.
 * :mod:`.equivalence` — equivalence tests (TOST) against per-observable margins.
-* :mod:`.deviations` — static energy/force deviations from an FP64 reference.
+* :mod:`.deviations` — static energy/force/pressure deviations from an FP64 reference.
+* :mod:`.screening` — the static screen: density shift predicted from the static pressure
+  deviation and FP64's compressibility, and a bound on the drift a force error adds.
 * :mod:`.report` / :mod:`.plots` / :mod:`.outputs` — the per-run reduction, plots and
   tables behind ``python -m mace_lpcalc.analysis.compare``.
 """

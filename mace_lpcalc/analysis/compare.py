@@ -14,7 +14,10 @@ with it, observable by observable, against the margins of
 only where the standard error is defined) and ``certificate.json`` (the equivalence
 verdicts), ``static_deviations.csv`` when asked (those four written by
 :mod:`mace_lpcalc.analysis.outputs`), and the plots ``thermo.png``, ``rdf.png`` and
-``msd.png``.
+``msd.png``. With static deviations of NPT runs against an fp64 reference, the static
+screen (:mod:`mace_lpcalc.analysis.screening`) predicts each policy's density shift from
+its static pressure deviation and fp64's compressibility, in ``summary.md`` and under
+``static_screen`` in ``certificate.json``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import numpy as np
 from ase.calculators.calculator import CalculatorError
 
 from mace_lpcalc.analysis.deviations import METRICS as DEVIATION_METRICS
-from mace_lpcalc.analysis.deviations import StaticDeviations, evaluate_static_deviations
+from mace_lpcalc.analysis.deviations import (SIGNED_METRICS, StaticDeviations,
+                                             evaluate_static_deviations)
 from mace_lpcalc.analysis.equivalence import ALPHA, DEFAULT_MARGINS, load_margins
 from mace_lpcalc.analysis.outputs import (write_certificate, write_deviations_csv,
                                          write_differences_csv, write_summary_csv)
@@ -37,6 +41,8 @@ from mace_lpcalc.analysis.report import (DRIFT_REFERENCE_POLICY, Summary, common
                                          common_rdf_radius_A, group_label,
                                          production_start_frame, run_observables, summarise)
 from mace_lpcalc.analysis.runs import Run, load_run
+from mace_lpcalc.analysis.screening import (ScreenResult, screen_markdown,
+                                            seed_compressibility, static_screen)
 from mace_lpcalc.analysis.thermodynamics import has_conserved_energy
 
 REFERENCE_POLICY = "fp64"
@@ -137,7 +143,10 @@ def compare(args: argparse.Namespace) -> str:
     if args.static_deviations:
         deviations = _static_deviations(runs, groups, starts, args)
         write_deviations_csv(deviations, REFERENCE_POLICY, out_dir / "static_deviations.csv")
-        markdown = _markdown(runs, groups, starts, summary, deviations, notes, args)
+        screen = _static_screen(runs, groups, starts, reference, summary, deviations)
+        if screen:
+            write_certificate(summary, out_dir / "certificate.json", screen)
+        markdown = _markdown(runs, groups, starts, summary, deviations, notes, args, screen)
         markdown_path.write_text(markdown, encoding="utf-8")
     return markdown
 
@@ -215,6 +224,20 @@ def _static_deviations(runs: list[Run], groups: dict, starts: dict,
     return results
 
 
+def _static_screen(runs: list[Run], groups: dict, starts: dict, reference: str | None,
+                   summary: Summary, deviations: dict) -> dict[str, ScreenResult]:
+    """The static screen when the reference group ran NPT (its volume fluctuates)."""
+    reference_runs = [run for run in runs if groups[run.path] == reference]
+    if not reference_runs or reference_runs[0].protocol != "npt":
+        return {}
+    volumes = [run.series["volume"][starts[run.path]:] for run in reference_runs]
+    temperatures = [float(np.mean(run.series["temperature"][starts[run.path]:]))
+                    for run in reference_runs]
+    kappa = seed_compressibility(volumes, temperatures)
+    return static_screen(deviations, kappa, float(np.mean(temperatures)),
+                         reference_runs[0].n_atoms, summary)
+
+
 def format_estimate(mean: float, stderr: float) -> str:
     """``mean ± stderr`` with the error to two significant digits and the mean to match."""
     if not np.isfinite(mean):
@@ -228,7 +251,8 @@ def format_estimate(mean: float, stderr: float) -> str:
     return f"{mean:.{decimals}f} ± {stderr:.{decimals}f}"
 
 
-def _markdown(runs, groups, starts, summary: Summary, deviations, notes, args) -> str:
+def _markdown(runs, groups, starts, summary: Summary, deviations, notes, args,
+              screen=None) -> str:
     lines = ["# MD comparison", "",
              "| Run | Group | Seed | Protocol | Frames | Length (ps) | Production from (ps) |",
              "|---|---|---|---|---|---|---|"]
@@ -253,9 +277,13 @@ def _markdown(runs, groups, starts, summary: Summary, deviations, notes, args) -
         lines += ["", f"## Static deviations vs {REFERENCE_POLICY} (mean / P95 over frames)", "",
                   _row(["Metric", "Unit", *deviations]), _row(["---"] * (2 + len(deviations)))]
         for _attribute, label, unit in DEVIATION_METRICS:
-            cells = [f"{s.summary()[label][0]:.3g} / {s.summary()[label][1]:.3g} "
-                     f"(n={s.n_structures})" for s in deviations.values()]
-            lines.append(_row([label, unit, *cells]))
+            cells = [_deviation_cell(s, label) for s in deviations.values()]
+            if any(cell != "—" for cell in cells):
+                lines.append(_row([label, unit, *cells]))
+        lines.append("")
+        lines.append("ME_E and ΔP are signed (policy − fp64; mean ± standard error over frames, "
+                     "P95 of the magnitude); ΔP is the virial pressure, periodic frames only.")
+    lines += screen_markdown(screen or {}, summary)
     lines += _sentinel_lines(runs)
     production = (f"after the first {args.discard_fraction:.0%} of its frames"
                   if args.discard_fraction is not None else
@@ -280,6 +308,19 @@ def _markdown(runs, groups, starts, summary: Summary, deviations, notes, args) -
                      "correlation time): the error is likely an underestimate.")
     lines += [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
+
+
+def _deviation_cell(deviations: StaticDeviations, label: str) -> str:
+    """``mean / P95 (n=…)``, the mean with its standard error for a signed metric."""
+    summary = deviations.summary()
+    if label not in summary:
+        return "—"
+    mean, p95 = summary[label]
+    if label in SIGNED_METRICS:
+        mean_text = f"{mean:.3g} ± {deviations.stderrs()[label]:.2g}"
+    else:
+        mean_text = f"{mean:.3g}"
+    return f"{mean_text} / {p95:.3g} (n={deviations.n_structures})"
 
 
 def _equivalence_lines(summary: Summary) -> list[str]:

@@ -18,16 +18,19 @@ from mace_lpcalc.analysis.deviations import METRICS as DEVIATION_METRICS
 from mace_lpcalc.analysis.deviations import StaticDeviations
 from mace_lpcalc.analysis.equivalence import ALPHA
 from mace_lpcalc.analysis.report import Summary
+from mace_lpcalc.analysis.screening import ScreenResult
 
 
-def certificate(summary: Summary) -> dict:
+def certificate(summary: Summary, static_screen: dict[str, ScreenResult] | None = None) -> dict:
     """The equivalence verdicts as written to ``certificate.json``.
 
     ``{"reference", "alpha", "margins", "units": {observable: unit}, "policies": {group:
     {observable: {"difference", "ci90_low", "ci90_high", "margin", "verdict",
     "aggregate_ps", "n_replicas"}}}}``: ``verdict`` is ``equivalent``, ``different``,
     ``inconclusive`` or ``undefined``; ``aggregate_ps`` the group's total production time
-    over its ``n_replicas`` runs; undefined numbers are ``null``.
+    over its ``n_replicas`` runs; undefined numbers are ``null``. A group in
+    ``static_screen`` also gets ``"static_screen"``: the prediction from static deviations
+    (:meth:`~mace_lpcalc.analysis.screening.ScreenResult.as_json`).
     """
     policies = {}
     units = {}
@@ -42,14 +45,17 @@ def certificate(summary: Summary) -> dict:
                 "ci90_high": json_number(high), "margin": json_number(result.margin),
                 "verdict": result.verdict, "aggregate_ps": json_number(result.aggregate_ps),
                 "n_replicas": result.n_replicas}
+    for group, screen in (static_screen or {}).items():
+        policies.setdefault(group, {})["static_screen"] = screen.as_json()
     return {"reference": summary.reference, "alpha": ALPHA, "margins": summary.margins,
             "units": units, "policies": policies}
 
 
-def write_certificate(summary: Summary, path: Path) -> None:
+def write_certificate(summary: Summary, path: Path,
+                      static_screen: dict[str, ScreenResult] | None = None) -> None:
     """Write :func:`certificate` as JSON to ``path``."""
-    path.write_text(json.dumps(certificate(summary), indent=2, allow_nan=False) + "\n",
-                    encoding="utf-8")
+    path.write_text(json.dumps(certificate(summary, static_screen), indent=2,
+                               allow_nan=False) + "\n", encoding="utf-8")
 
 
 def json_number(value: float) -> float | None:
@@ -97,17 +103,21 @@ def write_differences_csv(summary: Summary, path: Path) -> None:
 
 def write_deviations_csv(deviations: dict[str, StaticDeviations], reference_policy: str,
                          path: Path) -> None:
-    """One row per group and deviation metric: mean and 95th percentile over the structures
+    """One row per group and deviation metric: mean, its standard error over structures
+    and the 95th percentile (of the magnitude for a signed metric) over the structures
     re-evaluated under ``reference_policy`` and the group's own policy."""
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["group", "reference_policy", "metric", "unit", "mean", "p95",
-                         "n_structures"])
+                         "n_structures", "stderr"])
         for group, result in deviations.items():
+            summary, stderrs = result.summary(), result.stderrs()
             for _attribute, label, unit in DEVIATION_METRICS:
-                mean, p95 = result.summary()[label]
+                if label not in summary:
+                    continue
+                mean, p95 = summary[label]
                 writer.writerow([group, reference_policy, label, unit, _number(mean),
-                                 _number(p95), result.n_structures])
+                                 _number(p95), result.n_structures, _number(stderrs[label])])
 
 
 def _number(value) -> str:
