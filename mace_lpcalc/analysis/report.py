@@ -170,7 +170,7 @@ def run_observables(run: Run, group: str, *, start_frame: int, msd_lag_ps: float
     for key, name, unit in (("density", "Density", "g/cm³"), ("pressure", "Pressure", "bar")):
         if key in series:
             average(name, series[key], unit)
-    if "density" in series:
+    if "density" in series and np.ptp(series["density"]) > 0:  # a fixed cell decides nothing
         tested[("Density", "g/cm³")] = ("density", "density_percent")
     average("Potential energy", series["potential_energy"], "eV/atom", 1.0 / run.n_atoms)
     tested[("Potential energy", "eV/atom")] = ("potential_energy", "potential_energy_meV_atom")

@@ -45,7 +45,7 @@ def measure(model_path: Path, n_molecules: int, device: str, backend: str) -> di
     auto, auto_s = results["auto"]
     return {"n_atoms": len(atoms), "device": device,
             "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
-            "backend": auto.backend, "model": str(model_path),
+            "backend": auto.backend, "model": model_path.name,
             "fp32_first_call_s": results["fp32"][1], "auto_first_call_s": auto_s,
             "auto_setup_s": auto_s - results["fp32"][1],
             "chosen_policy": auto.parameters["policy"],
