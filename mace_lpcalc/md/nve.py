@@ -8,8 +8,8 @@ The summary reports how well the run conserved energy, in numbers that compare a
 runs of different length and size:
 
 * ``energy_drift_meV_atom_ps`` ± ``energy_drift_stderr_meV_atom_ps``: least-squares
-  slope of the total energy against time, per atom
-  (:func:`mace_lpcalc.analysis.thermodynamics.energy_drift`);
+  slope of the total energy against time, per atom, its error scaled by √g of the
+  residuals' statistical inefficiency (:func:`mace_lpcalc.analysis.thermodynamics.energy_drift`);
 * ``total_energy_fluctuation_meV_atom``: standard deviation of the total energy per atom;
 * ``fluctuation_ratio``: std(total energy) / std(kinetic energy), the classic
   integration-quality ratio (independent of size and length; below ~0.05 is good);
