@@ -159,6 +159,11 @@ class Equivalence:
         return verdict
 
 
+def json_number(value: float) -> float | None:
+    """``value`` as a float, or ``None`` (JSON ``null``) where it is NaN or infinite."""
+    return float(value) if np.isfinite(value) else None
+
+
 def equivalence_test(test: SeedAverage, reference: SeedAverage, margin: float, *,
                      relative: bool, unit: str, scale: float = 1.0,
                      aggregate_ps: float) -> Equivalence:

@@ -16,7 +16,7 @@ import numpy as np
 
 from mace_lpcalc.analysis.deviations import METRICS as DEVIATION_METRICS
 from mace_lpcalc.analysis.deviations import StaticDeviations
-from mace_lpcalc.analysis.equivalence import ALPHA
+from mace_lpcalc.analysis.equivalence import ALPHA, json_number
 from mace_lpcalc.analysis.report import Summary
 from mace_lpcalc.analysis.screening import ScreenResult
 
@@ -56,11 +56,6 @@ def write_certificate(summary: Summary, path: Path,
     """Write :func:`certificate` as JSON to ``path``."""
     path.write_text(json.dumps(certificate(summary, static_screen), indent=2,
                                allow_nan=False) + "\n", encoding="utf-8")
-
-
-def json_number(value: float) -> float | None:
-    """``value`` as a float, or ``None`` (JSON ``null``) where it is NaN or infinite."""
-    return float(value) if np.isfinite(value) else None
 
 
 def write_summary_csv(summary: Summary, path: Path) -> None:

@@ -65,7 +65,7 @@ from ase import units
 from scipy import stats
 
 from mace_lpcalc.analysis.deviations import StaticDeviations
-from mace_lpcalc.analysis.equivalence import ALPHA, Equivalence
+from mace_lpcalc.analysis.equivalence import ALPHA, Equivalence, json_number
 from mace_lpcalc.analysis.report import DRIFT_METRIC, Summary
 from mace_lpcalc.analysis.statistics import seed_average, timeseries_average
 
@@ -126,15 +126,15 @@ class ScreenResult:
 
     def as_json(self) -> dict:
         """The ``static_screen`` entry of ``certificate.json`` (undefined numbers: None)."""
-        return {"predicted_density_shift_percent": _json(self.predicted_percent),
-                "predicted_density_shift_stderr_percent": _json(self.stderr_percent),
-                "delta_pressure_bar": _json(self.delta_pressure_bar),
-                "delta_pressure_stderr_bar": _json(self.delta_pressure_stderr_bar),
-                "kappa_T_per_bar": _json(self.compressibility.kappa_per_bar),
-                "kappa_T_stderr_per_bar": _json(self.compressibility.stderr_per_bar),
-                "margin_percent": _json(self.margin_percent), "verdict": self.verdict,
+        return {"predicted_density_shift_percent": json_number(self.predicted_percent),
+                "predicted_density_shift_stderr_percent": json_number(self.stderr_percent),
+                "delta_pressure_bar": json_number(self.delta_pressure_bar),
+                "delta_pressure_stderr_bar": json_number(self.delta_pressure_stderr_bar),
+                "kappa_T_per_bar": json_number(self.compressibility.kappa_per_bar),
+                "kappa_T_stderr_per_bar": json_number(self.compressibility.stderr_per_bar),
+                "margin_percent": json_number(self.margin_percent), "verdict": self.verdict,
                 "inside_observed_ci90": self.inside_observed_ci,
-                "force_work_drift_bound_meV_atom_ps": _json(self.drift_bound_meV_atom_ps)}
+                "force_work_drift_bound_meV_atom_ps": json_number(self.drift_bound_meV_atom_ps)}
 
 
 def isothermal_compressibility(volume_A3, temperature_K: float) -> Compressibility:
@@ -276,6 +276,3 @@ def _estimate(mean: float, stderr: float) -> str:
         return "—"
     return f"{mean:+.3g} ± {stderr:.2g}" if np.isfinite(stderr) else f"{mean:+.3g}"
 
-
-def _json(value: float) -> float | None:
-    return float(value) if np.isfinite(value) else None

@@ -156,8 +156,9 @@ def equilibration_start(series) -> int:
         return 0
     last = len(data) // 2
     nskip = max(1, int(np.ceil((last + 1) / _MAX_EQUILIBRATION_ORIGINS)))
-    origins = np.arange(0, last + 1, nskip)
-    n_effective = [(len(data) - t) / statistical_inefficiency(data[t:])
+    # The limit itself is always tried, so that a start at the limit can be recognised.
+    origins = np.union1d(np.arange(0, last + 1, nskip), [last])
+    n_effective = [(len(data) - t) / _timeseries.statistical_inefficiency(data[t:])
                    if np.ptp(data[t:]) > 0 else 1.0 for t in origins]
     return int(origins[int(np.argmax(n_effective))])
 

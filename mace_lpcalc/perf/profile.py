@@ -49,17 +49,9 @@ from mace_lpcalc.timing import median_ms, synchronize
 from mace_lpcalc.calculator import LowPrecisionMACECalculator
 from mace_lpcalc.installed import package_versions
 from mace_lpcalc.precision.policies import POLICIES
-from mace_lpcalc.precision.casting import (
-    AutocastExempt,
-    AutocastRegion,
-    DenseLayer16,
-    IrrepBlockLinear,
-    TorchLinear16,
-)
+from mace_lpcalc.precision.casting import POLICY_WRAPPERS
 from mace_lpcalc.systems import water_box
 
-#: Policy wrappers whose first child is the wrapped module (seen through when naming blocks).
-POLICY_WRAPPERS = (IrrepBlockLinear, DenseLayer16, TorchLinear16, AutocastExempt, AutocastRegion)
 #: Module lists whose members are groups: their children are timed one by one.
 GROUP_LISTS = ("interactions", "products")
 

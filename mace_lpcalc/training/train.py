@@ -45,7 +45,7 @@ from mace.tools import AtomicNumberTable
 from mace.tools.torch_geometric.dataloader import DataLoader
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from mace_lpcalc.models import build_model
+from mace_lpcalc.models import build_model, load_model
 from mace_lpcalc.training.data import KEYS, Split, make_split, read_frames
 from mace_lpcalc.training.metrics import error_metrics
 from mace_lpcalc.precision.policies import apply_policy, copy_without_policy, policy_context
@@ -248,7 +248,7 @@ def train(train_path, valid_path, test_path, out_dir, *, policy: str = "fp32", s
             raise FloatingPointError("validation loss was never finite; no model saved")
         training_seconds = time.perf_counter() - started
 
-        best_model = torch.load(model_path, map_location="cpu", weights_only=False)
+        best_model = load_model(model_path)
         parameters = sum(p.numel() for p in best_model.parameters())
         evaluated = apply_policy(best_model.to(device), training_policy.forward)
         rmse = {name: error_metrics(split, predict(evaluated, training_policy, split.graphs,

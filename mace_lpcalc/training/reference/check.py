@@ -47,8 +47,7 @@ import numpy as np
 from mace_lpcalc.analysis import (Equivalence, Run, difference_of_averages, equivalence_test,
                                   first_peak, load_run, max_rdf_radius_A, radial_distribution,
                                   seed_average, timeseries_average)
-from mace_lpcalc.analysis.equivalence import ALPHA
-from mace_lpcalc.analysis.outputs import json_number
+from mace_lpcalc.analysis.equivalence import ALPHA, json_number
 from mace_lpcalc.analysis.report import group_label, production_start_frame
 from mace_lpcalc.md.trajectory import read_trajectory
 
@@ -218,7 +217,7 @@ def _target_verdict(result: Equivalence) -> dict:
     return {"value": result.difference, "stderr": result.stderr, "target": result.margin,
             "met": bool(abs(result.difference) <= result.margin), "verdict": result.verdict,
             "ci90": [json_number(low), json_number(high)],
-            "extra_ps": json_number(result.extra_ps)}
+            "extra_ps": json_number(result.extra_ps), "description": result.describe()}
 
 
 def check(reference_path, run_paths, *, discard_fraction: float | None = None,
@@ -289,11 +288,8 @@ def format_table(result: dict) -> str:
 
 
 def _word(verdict: dict) -> str:
-    decision = verdict["verdict"]
-    if decision == "inconclusive" and verdict["extra_ps"] is not None:
-        decision += f", needs ≈ {verdict['extra_ps']:.3g} ps more"
     estimate = "within" if verdict["met"] else "outside"
-    return f"{decision} (90 % CI); point estimate {estimate}"
+    return f"{verdict['description']} (90 % CI); point estimate {estimate}"
 
 
 def main(argv=None) -> dict:
