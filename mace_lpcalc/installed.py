@@ -91,7 +91,7 @@ def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "mace_lpcalc": __version__}
     for package in ("mace-torch", "torch", "e3nn", "cuequivariance-torch",
                     "cuequivariance-ops-torch-cu12", "cuequivariance-ops-torch-cu13", "ase",
-                    "numpy", "h5py", "mdtraj", "vesin-torch"):
+                    "numpy", "h5py", "mdtraj", "vesin-torch", "torch-sim-atomistic"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

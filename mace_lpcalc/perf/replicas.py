@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ import torch
 from mace_lpcalc.calculator import LowPrecisionMACECalculator
 from mace_lpcalc.installed import package_versions
 from mace_lpcalc.models import default_model_path
-from mace_lpcalc.perf.bench import langevin_steps_call
+from mace_lpcalc.perf.bench import langevin_steps_call, write_json
 from mace_lpcalc.timing import median_ms
 from mace_lpcalc.systems import water_box
 
@@ -40,9 +39,9 @@ TIMESTEP_PS = 0.0005
 TEMPERATURE_K = 300.0
 
 
-def calculator(policy: str, device: str) -> LowPrecisionMACECalculator:
+def calculator(policy: str, device: str, **options) -> LowPrecisionMACECalculator:
     return LowPrecisionMACECalculator(model_paths=str(default_model_path()), device=device,
-                                      policy=policy)
+                                      policy=policy, **options)
 
 
 def ours_step_ms(policy: str, device: str, n_molecules: int, *, block: int, warmup: int,
@@ -52,16 +51,13 @@ def ours_step_ms(policy: str, device: str, n_molecules: int, *, block: int, warm
     return median_ms(run_block, device, warmup, repeats) / block
 
 
-def torchsim_step_ms(policy: str, device: str, n_molecules: int, n_replicas: int, *,
-                     block: int, warmup: int, repeats: int) -> float:
+def torchsim_step_ms(batched, n_molecules: int, n_replicas: int, *, device: str, block: int,
+                     warmup: int, repeats: int) -> float:
+    """``batched``: a TorchSim ``MaceModel`` (:func:`torchsim_model`)."""
     import torch_sim
-    from torch_sim.models.mace import MaceModel
     from torch_sim.units import MetalUnits
 
-    # Our calculator converts the backend and applies the policy; TorchSim runs the result.
-    model = calculator(policy, device).models[0]
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    batched = MaceModel(model, device=torch.device(device), dtype=dtype, compute_stress=False)
+    dtype = batched.dtype
     boxes = [water_box(n_molecules, seed=seed) for seed in range(n_replicas)]
     state = torch_sim.initialize_state(boxes, device=torch.device(device), dtype=dtype)
     kT = torch.tensor(TEMPERATURE_K * MetalUnits.temperature, dtype=dtype, device=device)
@@ -77,16 +73,28 @@ def torchsim_step_ms(policy: str, device: str, n_molecules: int, n_replicas: int
     return median_ms(run_block, device, warmup, repeats) / block
 
 
+def torchsim_model(policy: str, device: str):
+    """The shipped model as a TorchSim ``MaceModel``: our calculator converts the backend
+    and applies the policy, on mace's path (no fast-path rewrites of the modules)."""
+    from torch_sim.models.mace import MaceModel
+
+    calc = calculator(policy, device, fast_path=False)
+    return MaceModel(calc.models[0], device=torch.device(device),
+                     dtype=calc.policy.model_dtype, compute_stress=False)
+
+
 def measure(policies, replicas, *, device: str, n_molecules: int, block: int, warmup: int,
             repeats: int) -> list[dict]:
     rows = []
     for policy in policies:
         timing = dict(block=block, warmup=warmup, repeats=repeats)
         one_replica_ms = ours_step_ms(policy, device, n_molecules, **timing)
+        batched = torchsim_model(policy, device)
         for n in replicas:
             measured = {"ours": one_replica_ms if n == 1 else
                         ours_step_ms(policy, device, n * n_molecules, **timing),
-                        "torchsim": torchsim_step_ms(policy, device, n_molecules, n, **timing)}
+                        "torchsim": torchsim_step_ms(batched, n_molecules, n, device=device,
+                                                     **timing)}
             for engine, step_ms in measured.items():
                 rows.append({"engine": engine, "policy": policy, "n_replicas": n,
                              "atoms_per_replica": 3 * n_molecules, "step_ms": step_ms,
@@ -115,20 +123,13 @@ def main(argv=None) -> None:
                    n_molecules=args.molecules, block=args.block, warmup=args.warmup,
                    repeats=args.repeats)
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else None
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
+    write_json(args.out, {
         "benchmark": "replica throughput, ASE Langevin on our engine vs TorchSim batched NVT",
         "model": str(default_model_path().name), "device": args.device, "gpu": gpu,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": package_versions() | {"torch-sim-atomistic": _torchsim_version()},
+        "versions": package_versions(),
         "timestep_ps": TIMESTEP_PS, "statistic": "median", "block": args.block,
-        "warmup": args.warmup, "repeats": args.repeats, "rows": rows}, indent=1))
-    print(f"wrote {args.out}")
-
-
-def _torchsim_version() -> str:
-    from importlib.metadata import version
-    return version("torch-sim-atomistic")
+        "warmup": args.warmup, "repeats": args.repeats, "rows": rows})
 
 
 if __name__ == "__main__":
