@@ -11,6 +11,7 @@ Everything else (integrators, optimizers, ``atoms.get_forces()``) is unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import glob
 import threading
@@ -27,14 +28,16 @@ from mace.calculators.mace import MACECalculator
 from mace.tools import torch_tools
 
 from mace_lpcalc.fastpath.engine import DEFAULT_SKIN_A, MACEEngine
-from mace_lpcalc.fastpath.mace_layout import (cell_as_mace_sees_it, fast_path_tolerance,
-                                              largest_deviation, results_like_mace)
+from mace_lpcalc.fastpath.mace_layout import (cell_as_mace_sees_it, check_results,
+                                              fast_path_tolerance, largest_deviation,
+                                              results_like_mace)
 from mace_lpcalc.installed import (cuequivariance_kernels_available, models_on_backend,
                                    package_versions, resolve_backend)
 from mace_lpcalc.models import ModelLoadError, load_model, model_elements, model_hash
 from mace_lpcalc.precision.auto import DEFAULT_AUTO_FORCE_BUDGET_EV_A
 from mace_lpcalc.precision.dtype_report import dtype_report
 from mace_lpcalc.precision.handover import PolicyHandover
+from mace_lpcalc.replica_calls import ReplicaCalls
 from mace_lpcalc.precision.policies import (apply_policy, check_device_supports,
                        copy_without_policy, get_policy, policy_context)
 
@@ -62,7 +65,7 @@ def _policy_for(policy, default_dtype: str):
 _PROCESS_DEFAULTS_LOCK = threading.RLock()
 
 
-class LowPrecisionMACECalculator(PolicyHandover, MACECalculator):
+class LowPrecisionMACECalculator(ReplicaCalls, PolicyHandover, MACECalculator):
     """A MACE ASE calculator that runs a named precision policy on e3nn or cuEquivariance.
 
     Accepts every keyword of mace's ``MACECalculator`` and returns the same result keys,
@@ -302,13 +305,19 @@ class LowPrecisionMACECalculator(PolicyHandover, MACECalculator):
         self.check_atoms(self.atoms)
         # mace builds batches and result tensors in torch's default dtype, which its
         # calculator sets process-wide at construction; ours sets it only while it calculates.
-        with _PROCESS_DEFAULTS_LOCK, policy_context(self.policy), \
-                torch_tools.default_dtype(self.policy.model_dtype):
+        with self._policy_scope():
             if self.engines:
                 self._calculate_fast_or_step_aside(properties)
             if not self.engines:
                 super().calculate(atoms, properties, system_changes)
         self._check_results()
+
+    @contextlib.contextmanager
+    def _policy_scope(self):
+        """Hold the process-wide torch settings the policy needs while a calculation runs."""
+        with _PROCESS_DEFAULTS_LOCK, policy_context(self.policy), \
+                torch_tools.default_dtype(self.policy.model_dtype):
+            yield
 
     def _sibling(self, policy: str) -> LowPrecisionMACECalculator:
         """A calculator of the same model under ``policy``: fp64 is the reference, on
@@ -372,21 +381,9 @@ class LowPrecisionMACECalculator(PolicyHandover, MACECalculator):
                 for engine in self.engines]
         self.results = results_like_mace(outs, self.energy_units_to_eV, self.length_units_to_A)
 
-    def _check_results(self) -> None:
-        energy, forces = self.results.get("energy"), self.results.get("forces")
-        if energy is not None and not np.isfinite(energy):
-            raise CalculationFailed(f"MACE returned a non-finite energy ({energy}) "
-                                    f"under policy {self.policy.name!r}")
-        if forces is not None:
-            if not np.isfinite(forces).all():
-                bad = np.flatnonzero(~np.isfinite(forces).all(axis=1))
-                raise CalculationFailed(f"MACE returned non-finite forces on atom(s) "
-                                        f"{bad[:10].tolist()} under policy {self.policy.name!r}")
-            largest = float(np.sqrt(np.einsum("ij,ij->i", forces, forces).max(initial=0.0)))
-            if largest > self.max_force_eV_A:
-                raise CalculationFailed(
-                    f"exploding forces: max |F| = {largest:.3g} eV/Å exceeds max_force_eV_A = "
-                    f"{self.max_force_eV_A:g} eV/Å (atoms too close or the model is out of domain)")
+    def _check_results(self, results: dict | None = None) -> None:
+        check_results(self.results if results is None else results, self.policy.name,
+                      self.max_force_eV_A)
 
     def precision_report(self, atoms=None) -> list[dict]:
         """Which dtype each module actually ran in, measured by forward hooks on a real call.

@@ -371,3 +371,35 @@ def _with_python_script_functions(function):
         return None
     return types.FunctionType(code, {**function.__globals__, **replacements},
                               function.__name__, function.__defaults__, function.__closure__)
+
+
+def capture_cuda_graph(evaluate, device: torch.device, warmup_calls: int) -> torch.cuda.CUDAGraph:
+    """``evaluate()`` captured as a CUDA graph, after ``warmup_calls`` eager calls on a side
+    stream (PyTorch needs them to set up autograd's and the libraries' lazy state outside
+    the capture). Raises RuntimeError if the capture fails, with the caller's stream
+    current again."""
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    try:
+        with DEVICE_WORK_LOCK:
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                for _ in range(warmup_calls):
+                    evaluate()
+            current.wait_stream(side)
+            # The warm-up's cached blocks cannot serve the graph's private pool; handing
+            # them back first keeps the peak near one evaluation's memory, not two.
+            torch.cuda.empty_cache()
+            # Each graph gets its own memory pool: graphs of one engine (with and without
+            # stress) may be replayed in any order, which pool sharing does not allow.
+            graph = torch.cuda.CUDAGraph()
+            # "thread_local": a background compilation may still allocate memory.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                evaluate()
+    except RuntimeError:
+        # A failed capture_end skips restoring the stream torch.cuda.graph switched to;
+        # everything after (vesin included) must run on the caller's stream again.
+        torch.cuda.set_stream(current)
+        torch.cuda.synchronize(device)
+        raise
+    return graph

@@ -27,17 +27,16 @@ the CUDA graph of the eager call keeps MD going; once the compiled call is ready
 checked, the graph is captured again around it.
 
 The model is called exactly as mace's calculator calls it, on a batch dictionary built
-from persistent tensors (:mod:`mace_lpcalc.fastpath.model_batch`). The batch has two
-graphs: graph 0 is the real system; graph 1 holds a few padding nodes with self-loop
-padding edges, whose periodic shift in graph 1's own large cell makes them longer than
-``r_max``. MACE's radial cutoff zeroes such edges, so padding adds exactly nothing to
-graph 0 and never produces a zero-length edge (whose normalised spherical harmonics
-would be NaN). Padding edges cost as much model time as real ones, so the edge capacity
-has only a little headroom over the count inside the cutoff
-(:mod:`mace_lpcalc.fastpath.edge_buffers`); the captured graph stays valid while that
-count fluctuates, and it is re-captured only when the count outgrows the capacity
-(detected from a count the graph writes beside the results; the call is then repeated
-with larger buffers) or the atom count changes.
+from persistent tensors (:mod:`mace_lpcalc.fastpath.model_batch`): the system's graph (or
+one graph per replica, :meth:`MACEEngine.compute_replicas`), then a graph of a few padding
+nodes with self-loop padding edges, whose periodic shift in that graph's large cell makes
+them longer than ``r_max``: MACE's radial cutoff zeroes them, so padding adds exactly
+nothing and never produces a zero-length edge (NaN spherical harmonics). Padding edges
+cost as much model time as real ones, so the edge capacity has only a little headroom
+over the count inside the cutoff (:mod:`mace_lpcalc.fastpath.edge_buffers`); a captured
+graph stays valid while that count fluctuates, and it is re-captured only when the count
+outgrows the capacity (the graph writes the count beside the results; the call is then
+repeated with larger buffers) or the atom count changes.
 
 Results are returned as computed: NaN or infinite values are not masked, so callers can
 detect a failed evaluation.
@@ -50,10 +49,12 @@ import logging
 import numpy as np
 import torch
 
-from mace_lpcalc.fastpath.compiled import DEVICE_WORK_LOCK, CompiledModelCall, make_traceable
+from mace_lpcalc.fastpath.compiled import (DEVICE_WORK_LOCK, CompiledModelCall, capture_cuda_graph,
+                                          make_traceable)
 from mace_lpcalc.fastpath.edge_buffers import EdgeBuffers
 from mace_lpcalc.fastpath.element_skip import convert_element_skips, elements_in_use
 from mace_lpcalc.fastpath.model_batch import (
+    GRAPH_OUTPUTS,
     MODEL_OUTPUTS,
     PaddedBatch,
     cast_floats,
@@ -61,8 +62,9 @@ from mace_lpcalc.fastpath.model_batch import (
     eager_model_call,
     float_dtype,
     head_index,
+    replica_arrays,
 )
-from mace_lpcalc.fastpath.neighbors import VerletNeighborList, _check_pbc
+from mace_lpcalc.fastpath.neighbors import ReplicaNeighborLists, _check_pbc
 
 logger = logging.getLogger(__name__)
 
@@ -97,15 +99,12 @@ class MACEEngine:
             capacity costs one re-capture.
         head: the model head to evaluate; default as mace's calculator chooses.
         compile_model: evaluate through :class:`mace_lpcalc.fastpath.compiled.CompiledModelCall`
-            (forward and backward fused by TorchInductor; the first use of a model at a
-            size compiles for tens of seconds, later processes load inductor's cache).
-            Falls back to the eager model, with a warning, where compilation or its check
-            fails.
+            (forward and backward fused by TorchInductor; falls back to the eager model,
+            with a warning, where compilation or its check fails).
         compile_in_background: compile in a worker thread while calls run the eager
-            model (see :mod:`mace_lpcalc.fastpath.compiled`); False compiles within the first call.
-        reference_model: with ``compile_model`` and a model with 16-bit operands: the same
-            model without them, against which the compiled call's accuracy is checked (it
-            must be about as accurate as the eager call; see :mod:`mace_lpcalc.fastpath.compiled`).
+            model; False compiles within the first call.
+        reference_model: with ``compile_model`` and 16-bit operands: the model without
+            them, against which the compiled call's accuracy is checked.
     """
 
     def __init__(self, model: torch.nn.Module, *, z_table_atomic_numbers, r_max: float,
@@ -149,7 +148,7 @@ class MACEEngine:
         self.edge_headroom = float(edge_headroom)
         self.use_cuda_graph = (self.device.type == "cuda" if use_cuda_graph == "auto"
                                else bool(use_cuda_graph))
-        self.neighbors = VerletNeighborList(self.r_max, skin_A)
+        self.neighbors = ReplicaNeighborLists(self.r_max, skin_A)
         self.compiled = None
         if compile_model:
             reference_call = None
@@ -169,6 +168,7 @@ class MACEEngine:
         #: them).
         self._graphs_compiled_version = None
         self._numbers: np.ndarray | None = None
+        self._n_atoms = self._n_replicas = 0
         self._last_call_used_graph = False
         self._edges: EdgeBuffers | None = None
         #: Edges inside the cutoff at the last evaluation (what the model saw, unpadded).
@@ -180,47 +180,61 @@ class MACEEngine:
                 charges=None) -> dict:
         """Energy, forces, per-atom energies (and stress) of one configuration.
 
-        Args:
-            positions: (n_atoms, 3) Å, unwrapped or wrapped.
-            numbers: (n_atoms,) atomic numbers, all among the model's elements.
-            cell: (3, 3) Å, lattice vectors as rows (ignored in non-periodic directions).
-            pbc: a bool or three bools.
-            compute_stress: also return the stress, computed as mace's calculator does for
-                any cell (from the cell's volume; zero for a zero-volume cell).
-            charges: (n_atoms,) fixed charges, e, for the dipole models' baseline dipole
-                (None: zero).
+        Args: ``positions`` (n_atoms, 3) Å, wrapped or not; ``numbers`` (n_atoms,) atomic
+        numbers, all among the model's elements; ``cell`` (3, 3) Å, lattice vectors as
+        rows (ignored in open directions); ``pbc`` a bool or three bools;
+        ``compute_stress`` also the stress, as mace's calculator computes it for any cell
+        (from its volume; zero for a zero-volume cell); ``charges`` (n_atoms,) fixed
+        charges, e, of the dipole models' baseline dipole (None: zero).
 
-        Returns:
-            For energy models ``energy`` (float, eV), ``forces`` (n_atoms, 3) eV/Å,
-            ``node_energy`` (n_atoms,) eV as the model outputs it (reference energy
-            included), ``node_e0`` (n_atoms,) eV (each atom's reference energy E0), with
-            ``compute_stress`` ``stress`` (3, 3) eV/Å³ in mace's sign convention (as its
-            calculator has it before the Voigt conversion), with atomic stresses
-            ``atomic_stresses`` and ``atomic_virials`` (n_atoms, 3, 3); for dipole models
-            ``dipole`` (3,) e·Å. Values are not checked for NaN.
+        Returns, for energy models, ``energy`` (float, eV), ``forces`` (n_atoms, 3) eV/Å,
+        ``node_energy`` (n_atoms,) eV as the model outputs it (E0 included), ``node_e0``
+        (n_atoms,) eV, with ``compute_stress`` ``stress`` (3, 3) eV/Å³ in mace's sign
+        convention (before the Voigt conversion), with atomic stresses
+        ``atomic_stresses`` and ``atomic_virials`` (n_atoms, 3, 3); for dipole models
+        ``dipole`` (3,) e·Å. Values are not checked for NaN.
         """
         positions = np.asarray(positions, dtype=np.float64)
-        numbers = np.asarray(numbers)
         cell = np.asarray(cell, dtype=np.float64)
-        pbc = _check_pbc(pbc)
         if positions.ndim != 2 or positions.shape[1] != 3 or len(positions) == 0:
             raise ValueError(f"positions must have shape (n_atoms >= 1, 3), got {positions.shape}")
-        if numbers.shape != (len(positions),):
-            raise ValueError(f"numbers must have shape ({len(positions)},), got {numbers.shape}")
         if cell.shape != (3, 3):
             raise ValueError(f"cell must have shape (3, 3), got {cell.shape}")
+        return self.compute_replicas(positions[None], numbers, cell[None], pbc,
+                                     compute_stress, charges)[0]
+
+    def compute_replicas(self, positions, numbers, cells, pbc, compute_stress: bool = False,
+                         charges=None) -> list[dict]:
+        """:meth:`compute` for several configurations of the same atoms (replicas: seeds of
+        one system, each with its own positions and cell) in one model call.
+
+        Args:
+            positions: (n_replicas, n_atoms, 3) Å.
+            numbers: (n_atoms,) atomic numbers, the same in every replica.
+            cells: (n_replicas, 3, 3) Å.
+            pbc: a bool or three bools, the same for every replica.
+            compute_stress, charges: as for :meth:`compute` (the charges of every replica).
+
+        Returns:
+            One dict per replica, as :meth:`compute` returns.
+        """
+        positions, numbers, cells = replica_arrays(positions, numbers, cells)
+        pbc = _check_pbc(pbc)
+        n_replicas, n_atoms = positions.shape[:2]
         compute_stress = bool(compute_stress) and self._has_energy
-        if self._numbers is None or not np.array_equal(numbers, self._numbers):
-            self._set_species(numbers)
+        if (self._numbers is None or n_replicas != self._n_replicas
+                or not np.array_equal(numbers, self._numbers)):
+            self._set_species(numbers, n_replicas)
         self._set_charges(charges)
 
-        n_atoms = len(positions)
+        n_real = n_replicas * n_atoms
         host_in = self._host_in.numpy()
-        host_in[:n_atoms] = positions
-        host_in[n_atoms:] = cell
+        host_in[:n_real] = positions.reshape(n_real, 3)
+        host_in[n_real:] = cells.reshape(3 * n_replicas, 3)
         self._device_in.copy_(self._host_in, non_blocking=True)
-        if self.neighbors.update(self._device_in[:n_atoms], self._device_in[n_atoms:], pbc,
-                                 host_positions=positions, host_cell=cell):
+        device_positions, device_cells = self._device_positions_and_cells()
+        if self.neighbors.update(device_positions.view(n_replicas, n_atoms, 3), device_cells,
+                                 pbc, host_positions=positions, host_cells=cells):
             self._load_candidates()
         out = self._evaluate_and_read(compute_stress)
         n_edges = int(out[-1])
@@ -230,11 +244,27 @@ class MACEEngine:
             out = self._evaluate_and_read(compute_stress)
             n_edges = int(out[-1])
         self.n_edges = n_edges
-        results = self._batch.unpack(out, compute_stress)
-        if self._has_energy:
-            results["energy"] = float(results["energy"][0])
-            results["node_e0"] = self._node_e0.copy()
-        return results
+        return self._per_replica(self._batch.unpack(out, compute_stress))
+
+    def _per_replica(self, results: dict) -> list[dict]:
+        """Split the batch's outputs (graph-level: one row per replica; per-atom: all
+        replicas' atoms) into one dict per replica."""
+        n_atoms = self._n_atoms
+        replicas = []
+        for replica in range(self._n_replicas):
+            atoms = slice(replica * n_atoms, (replica + 1) * n_atoms)
+            own = {name: value[replica] if name in GRAPH_OUTPUTS else value[atoms]
+                   for name, value in results.items()}
+            if self._has_energy:
+                own["energy"] = float(own["energy"])
+                own["node_e0"] = self._node_e0.copy()
+            replicas.append(own)
+        return replicas
+
+    def _device_positions_and_cells(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the device input: positions (n_replicas n_atoms, 3), cells (n_replicas, 3, 3)."""
+        n_real = self._n_replicas * self._n_atoms
+        return self._device_in[:n_real], self._device_in[n_real:].view(-1, 3, 3)
 
     def _evaluate_and_read(self, compute_stress: bool) -> np.ndarray:
         with torch.enable_grad():
@@ -257,7 +287,7 @@ class MACEEngine:
 
     # --------------------------------------------------------------- system state
 
-    def _set_species(self, numbers: np.ndarray) -> None:
+    def _set_species(self, numbers: np.ndarray, n_replicas: int) -> None:
         unknown = sorted({int(z) for z in numbers} - set(self.atomic_numbers))
         if unknown:
             raise ValueError(f"atomic numbers {unknown} are not among the model's elements "
@@ -265,8 +295,8 @@ class MACEEngine:
         indices = torch.tensor([self._species_index[int(z)] for z in numbers],
                                dtype=torch.int64, device=self.device)
         n_atoms = len(numbers)
-        if self._numbers is None or len(self._numbers) != n_atoms:
-            self._allocate_system(n_atoms)
+        if self._numbers is None or (len(self._numbers), self._n_replicas) != (n_atoms, n_replicas):
+            self._allocate_system(n_atoms, n_replicas)
         # Padding nodes are element 0. Graphs and compiled calls evaluate the skip
         # connections for these elements only, so a new set needs new ones.
         elements = tuple(sorted({self._species_index[int(z)] for z in numbers} | {0}))
@@ -276,9 +306,10 @@ class MACEEngine:
             if self.compiled is not None:
                 self.compiled.invalidate()
         # Written in place so that captured graphs, which read these buffers, stay valid.
+        n_real = n_replicas * n_atoms
         node_attrs = self._batch.node_attrs
-        node_attrs[:n_atoms] = 0
-        node_attrs[torch.arange(n_atoms, device=self.device), indices] = 1
+        node_attrs[:n_real] = 0
+        node_attrs[torch.arange(n_real, device=self.device), indices.repeat(n_replicas)] = 1
         if self._has_energy:
             with torch.no_grad():
                 e0 = self.model.atomic_energies_fn(node_attrs[:n_atoms])
@@ -292,28 +323,33 @@ class MACEEngine:
             raise ValueError(f"charges must have shape ({self._n_atoms},), got {charges.shape}")
         if not np.array_equal(charges, self._last_charges):
             device_charges = self._batch.charges
-            device_charges[:self._n_atoms] = torch.from_numpy(charges).to(device_charges)
+            device_charges[:self._batch.n_real] = torch.from_numpy(
+                np.tile(charges, self._n_replicas)).to(device_charges)
             self._last_charges = charges.copy()
 
-    def _allocate_system(self, n_atoms: int) -> None:
+    def _allocate_system(self, n_atoms: int, n_replicas: int) -> None:
         device, dtype = self.device, self.dtype
         on_cuda = device.type == "cuda"
-        # Positions (rows 0..n-1) and cell (last three rows) travel in one copy.
-        self._host_in = torch.empty((n_atoms + 3, 3), dtype=torch.float64, pin_memory=on_cuda)
-        self._device_in = torch.empty((n_atoms + 3, 3), dtype=torch.float64, device=device)
+        # Positions (every replica's atoms) and cells (three rows per replica, after the
+        # positions) travel in one copy.
+        n_rows = n_replicas * (n_atoms + 3)
+        self._host_in = torch.empty((n_rows, 3), dtype=torch.float64, pin_memory=on_cuda)
+        self._device_in = torch.empty((n_rows, 3), dtype=torch.float64, device=device)
         self._batch = PaddedBatch(n_atoms, n_elements=len(self.atomic_numbers), r_max=self.r_max,
                                   head_index=self._head_index, dtype=dtype, device=device,
                                   model_type=self.model_type,
-                                  atomic_stresses=self.compute_atomic_stresses)
+                                  atomic_stresses=self.compute_atomic_stresses,
+                                  n_graphs=n_replicas)
         self._last_charges = None
-        self._n_atoms = n_atoms
+        self._n_atoms, self._n_replicas = n_atoms, n_replicas
         self._numbers = None
         # A compiled call, whose re-compilation costs tens of seconds, gets more room
         # once the system proves to be still changing (a lattice start disorders, a box
         # shrinks).
         regrowth_headroom = (max(self.edge_headroom, _COMPILED_REGROWTH_HEADROOM)
                              if self.compiled is not None else self.edge_headroom)
-        self._edges = EdgeBuffers(n_atoms=n_atoms, r_max=self.r_max, dtype=dtype, device=device,
+        self._edges = EdgeBuffers(n_atoms=n_replicas * n_atoms, n_graphs=n_replicas,
+                                  r_max=self.r_max, dtype=dtype, device=device,
                                   headroom=self.edge_headroom,
                                   regrowth_headroom=regrowth_headroom,
                                   min_capacity=self.min_edge_capacity)
@@ -322,20 +358,19 @@ class MACEEngine:
 
     def _load_candidates(self) -> None:
         """Copy a freshly built Verlet list into the edge buffers' candidates."""
-        n_atoms = self._n_atoms
         if self._edges.load_candidates(self.neighbors.edge_index, self.neighbors.unit_shifts,
-                                       self._device_in[:n_atoms], self._device_in[n_atoms:]):
+                                       self.neighbors.edge_graph,
+                                       *self._device_positions_and_cells()):
             self._drop_graphs()
 
     # ------------------------------------------------------------------ evaluation
 
     def _evaluate(self, compute_stress: bool) -> None:
         """One model call from the persistent buffers into the packed output (capturable)."""
-        n_atoms = self._n_atoms
-        positions, cell = self._device_in[:n_atoms], self._device_in[n_atoms:]
+        positions, cells = self._device_positions_and_cells()
         with torch.no_grad():
-            n_edges = self._edges.select(positions, cell)
-        batch = self._batch.inputs(positions, cell, self._edges, n_edges)
+            n_edges = self._edges.select(positions, cells)
+        batch = self._batch.inputs(positions, cells, self._edges)
         if self.compiled is not None:
             output = self.compiled(batch, compute_stress)
         else:
@@ -363,31 +398,12 @@ class MACEEngine:
 
     def _capture(self, compute_stress: bool):
         """Capture ``_evaluate`` as a CUDA graph; on failure log once and return None."""
-        current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
         # Read first: a compiled call installed during the capture must trigger another.
         compiled_version = self.compiled.version if self.compiled is not None else None
         try:
-            with DEVICE_WORK_LOCK:
-                side.wait_stream(current)
-                with torch.cuda.stream(side):
-                    for _ in range(_WARMUP_CALLS):
-                        self._evaluate(compute_stress)
-                current.wait_stream(side)
-                # The warm-up's cached blocks cannot serve the graph's private pool; handing
-                # them back first keeps the peak near one evaluation's memory, not two.
-                torch.cuda.empty_cache()
-                # Each graph gets its own memory pool: with and without stress they may be
-                # replayed in any order, which pool sharing does not allow in general.
-                graph = torch.cuda.CUDAGraph()
-                # "thread_local": a background compilation may still allocate memory.
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    self._evaluate(compute_stress)
+            graph = capture_cuda_graph(lambda: self._evaluate(compute_stress), self.device,
+                                       warmup_calls=_WARMUP_CALLS)
         except RuntimeError as err:
-            # A failed capture_end skips restoring the stream torch.cuda.graph switched to;
-            # everything after (vesin included) must run on the caller's stream again.
-            torch.cuda.set_stream(current)
-            torch.cuda.synchronize(self.device)
             self._capture_failed.add(compute_stress)
             logger.warning("CUDA graph capture failed (compute_stress=%s); running eagerly "
                            "instead: %s", compute_stress, err)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from ase.calculators.calculator import CalculationFailed
 from ase.stress import full_3x3_to_voigt_6_stress
 
 #: Largest relative deviation between the fast path and mace's path at the first call,
@@ -89,3 +90,22 @@ def fast_path_tolerance(policy) -> float:
     """The :data:`FAST_PATH_TOLERANCE` of a :class:`~mace_lpcalc.precision.policies.PrecisionPolicy`."""
     reduced = policy.reduced_dtypes or policy.allow_tf32
     return FAST_PATH_TOLERANCE["reduced" if reduced else policy.model_dtype]
+
+
+def check_results(results: dict, policy_name: str, max_force_eV_A: float) -> None:
+    """Raise ``CalculationFailed`` for a non-finite energy or force, or a force above
+    ``max_force_eV_A`` (the model has left its domain)."""
+    energy, forces = results.get("energy"), results.get("forces")
+    if energy is not None and not np.isfinite(energy):
+        raise CalculationFailed(f"MACE returned a non-finite energy ({energy}) "
+                                f"under policy {policy_name!r}")
+    if forces is not None:
+        if not np.isfinite(forces).all():
+            bad = np.flatnonzero(~np.isfinite(forces).all(axis=1))
+            raise CalculationFailed(f"MACE returned non-finite forces on atom(s) "
+                                    f"{bad[:10].tolist()} under policy {policy_name!r}")
+        largest = float(np.sqrt(np.einsum("ij,ij->i", forces, forces).max(initial=0.0)))
+        if largest > max_force_eV_A:
+            raise CalculationFailed(
+                f"exploding forces: max |F| = {largest:.3g} eV/Å exceeds max_force_eV_A = "
+                f"{max_force_eV_A:g} eV/Å (atoms too close or the model is out of domain)")

@@ -6,6 +6,7 @@ The model is called exactly as mace's calculator calls it,
 batch dictionary of persistent tensors (:class:`PaddedBatch`). What it returns depends on
 mace's calculator ``model_type`` (:data:`MODEL_OUTPUTS`); graph 0's outputs are packed
 into one flat buffer, laid out by :func:`output_layout`, for a single device-to-host copy.
+A batch of replicas puts graphs ``0 ... n_graphs - 1`` before the padding graph.
 The model's head and float dtype are read off it as mace's calculator reads them.
 """
 
@@ -15,10 +16,11 @@ import numpy as np
 import torch
 
 from mace_lpcalc.fastpath.compiled import DEVICE_WORK_LOCK
-from mace_lpcalc.fastpath.edge_buffers import PADDING_NODES, EdgeBuffers
+from mace_lpcalc.fastpath.edge_buffers import PADDING_NODES, EdgeBuffers, shifts_in_cells
 from mace_lpcalc.fastpath.edge_geometry import index_select_gathers
 
-#: Outputs per mace calculator ``model_type``, each with its shape (``n``: atoms).
+#: Outputs per mace calculator ``model_type``, each with its shape (``n``: atoms; the
+#: graph-level outputs have one such value per graph).
 MODEL_OUTPUTS = {
     "MACE": (("energy", (1,)), ("forces", ("n", 3)), ("node_energy", ("n",)),
              ("stress", (3, 3))),
@@ -29,59 +31,61 @@ MODEL_OUTPUTS = {
 _ATOMIC_STRESS_OUTPUTS = (("atomic_stresses", ("n", 3, 3)), ("atomic_virials", ("n", 3, 3)))
 _NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32}
 #: Outputs with one value per graph (the others have one per node).
-_GRAPH_OUTPUTS = frozenset({"energy", "stress", "dipole"})
+GRAPH_OUTPUTS = frozenset({"energy", "stress", "dipole"})
 
 
 class PaddedBatch:
     """The model's input tensors for one system size, and the packed output buffer.
 
-    Graph 0 holds the ``n_atoms`` real atoms, graph 1 the padding nodes (element 0) that
-    the padding edges loop on; graph 1's cell makes every such self-loop ``2 r_max`` long.
+    Graphs ``0 ... n_graphs - 1`` hold ``n_atoms`` real atoms each (replica ``r`` nodes
+    ``r n_atoms ... (r + 1) n_atoms - 1``), graph ``n_graphs`` the padding nodes (element
+    0) that the padding edges loop on; its cell makes every such self-loop ``2 r_max`` long.
     Every tensor is allocated here once and then written in place, so that captured CUDA
     graphs, which read and write them, stay valid.
     """
 
     def __init__(self, n_atoms: int, *, n_elements: int, r_max: float, head_index: int,
                  dtype: torch.dtype, device: torch.device, model_type: str,
-                 atomic_stresses: bool):
-        n_nodes = n_atoms + PADDING_NODES
-        self.n_atoms = n_atoms
+                 atomic_stresses: bool, n_graphs: int = 1):
+        n_real = n_graphs * n_atoms
+        n_nodes = n_real + PADDING_NODES
+        self.n_atoms, self.n_graphs, self.n_real = n_atoms, n_graphs, n_real
         self.node_attrs = torch.zeros((n_nodes, n_elements), dtype=dtype, device=device)
-        self.node_attrs[n_atoms:, 0] = 1  # padding nodes: any element will do
+        self.node_attrs[n_real:, 0] = 1  # padding nodes: any element will do
         self.positions = torch.zeros((n_nodes, 3), dtype=dtype, device=device)
-        # Graph 1's cell makes every padding self-loop 2*r_max long: beyond the cutoff.
-        self.cells = torch.zeros((2, 3, 3), dtype=dtype, device=device)
-        self.cells[1] = 2 * r_max * torch.eye(3, dtype=dtype, device=device)
-        self.batch = torch.cat((torch.zeros(n_atoms, dtype=torch.int64, device=device),
-                                torch.ones(PADDING_NODES, dtype=torch.int64, device=device)))
-        self.ptr = torch.tensor([0, n_atoms, n_nodes], dtype=torch.int64, device=device)
-        self.head = torch.full((2,), head_index, dtype=torch.int64, device=device)
+        # The padding graph's cell makes every padding self-loop 2*r_max long: beyond the
+        # cutoff.
+        self.cells = torch.zeros((n_graphs + 1, 3, 3), dtype=dtype, device=device)
+        self.cells[n_graphs] = 2 * r_max * torch.eye(3, dtype=dtype, device=device)
+        self.batch = torch.cat((
+            torch.arange(n_graphs, device=device).repeat_interleave(n_atoms),
+            torch.full((PADDING_NODES,), n_graphs, dtype=torch.int64, device=device)))
+        self.ptr = torch.tensor([*range(0, n_real + 1, n_atoms), n_nodes], dtype=torch.int64,
+                                device=device)
+        self.head = torch.full((n_graphs + 1,), head_index, dtype=torch.int64, device=device)
         self.charges = torch.zeros(n_nodes, dtype=dtype, device=device)
         # Every output, then the in-cutoff edge count: packed for one copy out.
-        self.layout = output_layout(model_type, n_atoms, atomic_stresses)
+        self.layout = output_layout(model_type, n_atoms, atomic_stresses, n_graphs)
         size = sum(np.prod(shape, dtype=int) for _, shape in self.layout.values())
         self.out = torch.zeros(size + 1, dtype=torch.float64, device=device)
         self.host_out = (torch.empty_like(self.out, device="cpu").pin_memory()
                          if device.type == "cuda" else self.out)
         self._output_dtypes: dict[str, type] = {}
 
-    def inputs(self, positions: torch.Tensor, cell: torch.Tensor, edges: EdgeBuffers,
-               n_edges: torch.Tensor) -> dict:
-        """The batch dictionary, with graph 0's positions and cell set to the given ones."""
-        n_atoms = self.n_atoms
+    def inputs(self, positions: torch.Tensor, cells: torch.Tensor, edges: EdgeBuffers) -> dict:
+        """The batch dictionary, with the real graphs' positions (n_graphs n_atoms, 3) and
+        cells (n_graphs, 3, 3) set to the given ones."""
         with torch.no_grad():
-            is_real_edge = (edges.slots < n_edges)[:, None]
-            self.positions[:n_atoms] = positions
-            self.cells[0] = cell
-            shifts = torch.where(is_real_edge, edges.unit_shifts @ self.cells[0],
-                                 edges.unit_shifts @ self.cells[1])
+            self.positions[:self.n_real] = positions
+            self.cells[:self.n_graphs] = cells
+            shifts = shifts_in_cells(edges.unit_shifts, self.cells, edges.edge_graph)
         return {
             "positions": self.positions,
             "node_attrs": self.node_attrs,
             "edge_index": edges.edge_index,
             "shifts": shifts,
             "unit_shifts": edges.unit_shifts,
-            "cell": self.cells.view(6, 3),
+            "cell": self.cells.view(-1, 3),
             "batch": self.batch,
             "ptr": self.ptr,
             "head": self.head,
@@ -89,24 +93,41 @@ class PaddedBatch:
         }
 
     def pack(self, output: dict, compute_stress: bool, n_edges: torch.Tensor) -> None:
-        """Write graph 0's outputs, then the in-cutoff edge count, into ``out``."""
+        """Write the real graphs' outputs, then the in-cutoff edge count, into ``out``."""
         with torch.no_grad():
             for name, (where, _) in self.layout.items():
                 if name == "stress" and not compute_stress:
                     continue
-                # Graph-level outputs: graph 0; per-atom outputs: the real atoms.
-                value = (output[name][0] if name in _GRAPH_OUTPUTS
-                         else output[name][:self.n_atoms])
+                # Graph-level outputs: the real graphs; per-atom outputs: the real atoms.
+                value = output[name][:self.n_graphs if name in GRAPH_OUTPUTS else self.n_real]
                 self.out[where] = value.reshape(-1)
                 self._output_dtypes[name] = _NUMPY_DTYPES[value.dtype]
             self.out[-1] = n_edges
 
     def unpack(self, out: np.ndarray, compute_stress: bool) -> dict:
-        """The outputs in a host copy of ``out``, shaped, in the dtypes the model returned
+        """The outputs in a host copy of ``out``, shaped (graph-level ones with a leading
+        axis of graphs, per-atom ones with all real atoms), in the dtypes the model returned
         them in (mace's calculator passes those on)."""
         return {name: out[where].reshape(shape).astype(self._output_dtypes[name])
                 for name, (where, shape) in self.layout.items()
                 if name != "stress" or compute_stress}
+
+
+def replica_arrays(positions, numbers, cells) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Positions (n_replicas, n_atoms, 3), numbers (n_atoms,) and cells (n_replicas, 3, 3)
+    as float64 / integer arrays, or a ValueError naming the wrong shape."""
+    positions = np.asarray(positions, dtype=np.float64)
+    numbers = np.asarray(numbers)
+    cells = np.asarray(cells, dtype=np.float64)
+    if positions.ndim != 3 or positions.shape[2] != 3 or 0 in positions.shape:
+        raise ValueError(f"positions must have shape (n_replicas >= 1, n_atoms >= 1, 3), "
+                         f"got {positions.shape}")
+    n_replicas, n_atoms = positions.shape[:2]
+    if numbers.shape != (n_atoms,):
+        raise ValueError(f"numbers must have shape ({n_atoms},), got {numbers.shape}")
+    if cells.shape != (n_replicas, 3, 3):
+        raise ValueError(f"cells must have shape ({n_replicas}, 3, 3), got {cells.shape}")
+    return positions, numbers, cells
 
 
 def check_model_type(model_type: str, atomic_stresses: bool, compiled: bool) -> None:
@@ -133,12 +154,15 @@ def eager_model_call(model: torch.nn.Module, batch: dict, compute_stress: bool,
         return model(batch, compute_stress=compute_stress, training=False, **extra)
 
 
-def output_layout(model_type: str, n_atoms: int, atomic_stresses: bool) -> dict:
+def output_layout(model_type: str, n_atoms: int, atomic_stresses: bool,
+                  n_graphs: int = 1) -> dict:
     """Where each output lies in the packed output buffer: name -> (slice, shape)."""
     fields = MODEL_OUTPUTS[model_type] + (_ATOMIC_STRESS_OUTPUTS if atomic_stresses else ())
     layout, offset = {}, 0
     for name, shape in fields:
-        shape = tuple(n_atoms if size == "n" else size for size in shape)
+        if name in GRAPH_OUTPUTS:
+            shape = (n_graphs, *shape) if shape != (1,) else (n_graphs,)
+        shape = tuple(n_graphs * n_atoms if size == "n" else size for size in shape)
         size = int(np.prod(shape))
         layout[name] = (slice(offset, offset + size), shape)
         offset += size

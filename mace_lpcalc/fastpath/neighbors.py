@@ -206,3 +206,65 @@ class VerletNeighborList:
         largest = np.sqrt(np.einsum("ij,ij->i", displacement, displacement).max())
         budget_used = 2 * largest + (self.cutoff_A + self.skin_A) * strain
         return not budget_used <= self.skin_A  # NaN positions rebuild (and are refused)
+
+
+class ReplicaNeighborLists:
+    """One :class:`VerletNeighborList` per replica of a batch, read as one list.
+
+    Replica ``r``'s atoms are nodes ``r * n_atoms ... (r + 1) * n_atoms - 1`` of the batch;
+    :attr:`edge_index` holds every replica's edges with those node offsets,
+    :attr:`edge_graph` the replica of each edge. Each replica keeps its own skin
+    bookkeeping, so one replica's rebuild leaves the others' lists as they are; the
+    concatenation is redone after any rebuild (on the device, a few copies).
+    """
+
+    def __init__(self, cutoff_A: float, skin_A: float = 0.0):
+        self.cutoff_A, self.skin_A = float(cutoff_A), float(skin_A)
+        self.replicas = [VerletNeighborList(cutoff_A, skin_A)]
+        self.edge_index: torch.Tensor | None = None
+        self.unit_shifts: torch.Tensor | None = None
+        self.edge_graph: torch.Tensor | None = None
+
+    @property
+    def n_builds(self) -> int:
+        """Builds over all replicas."""
+        return sum(replica.n_builds for replica in self.replicas)
+
+    @property
+    def n_edges(self) -> int:
+        """Edges in the current lists of all replicas (0 before the first build)."""
+        return sum(replica.n_edges for replica in self.replicas)
+
+    def update(self, positions: torch.Tensor, cells: torch.Tensor, pbc, *,
+               host_positions: np.ndarray, host_cells: np.ndarray) -> bool:
+        """Rebuild the replicas' lists that may miss a pair; return whether any did.
+
+        ``positions`` (n_replicas, n_atoms, 3) and ``cells`` (n_replicas, 3, 3), Å, on the
+        device; ``host_positions`` and ``host_cells`` the same as float64 NumPy arrays.
+        """
+        n_replicas, n_atoms = positions.shape[:2]
+        if len(self.replicas) != n_replicas:
+            self.replicas = [VerletNeighborList(self.cutoff_A, self.skin_A)
+                             for _ in range(n_replicas)]
+        rebuilt = [replica.update(positions[index], cells[index], pbc,
+                                  host_positions=host_positions[index],
+                                  host_cell=host_cells[index])
+                   for index, replica in enumerate(self.replicas)]
+        if not any(rebuilt):
+            return False
+        if n_replicas == 1:
+            replica = self.replicas[0]
+            self.edge_index, self.unit_shifts = replica.edge_index, replica.unit_shifts
+        else:
+            self.edge_index = torch.cat([replica.edge_index + index * n_atoms
+                                         for index, replica in enumerate(self.replicas)], dim=1)
+            self.unit_shifts = torch.cat([replica.unit_shifts for replica in self.replicas])
+        self.edge_graph = torch.cat([
+            torch.full((replica.n_edges,), index, dtype=torch.int64, device=positions.device)
+            for index, replica in enumerate(self.replicas)])
+        return True
+
+    def invalidate(self) -> None:
+        """Make the next :meth:`update` rebuild every replica's list."""
+        for replica in self.replicas:
+            replica.invalidate()

@@ -192,8 +192,10 @@ class MDProtocol:
         ``steps_run``, ``final_step``, ``ns_per_day`` and the protocol's own results).
 
         With ``deterministic`` on a CPU, torch's deterministic algorithms are switched on
-        for the run (a process-wide torch setting) and restored when it ends."""
-        if not (self.settings.deterministic and str(self.settings.device).startswith("cpu")):
+        for the run (a process-wide torch setting) and restored when it ends; where they
+        are on already (replicas running in threads) they are left as they are."""
+        if not (self.settings.deterministic and str(self.settings.device).startswith("cpu")) \
+                or torch.are_deterministic_algorithms_enabled():
             return self._run()
         previous = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(True)

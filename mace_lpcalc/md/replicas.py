@@ -1,0 +1,209 @@
+"""Replicas of one protocol run side by side, their force evaluations batched.
+
+A certificate needs many seeds of the same system and policy. Run as separate
+processes, each replica pays for its own model and its own small GPU kernels; here they
+share one calculator and one model call per MD step: :func:`run_replicas` runs each
+replica's :class:`~mace_lpcalc.md.base.MDProtocol` (writers, checkpoints, resume and
+all, unchanged) in a thread of its own, with a :class:`ReplicaSlot` as its calculator.
+A slot hands its structure to the shared :class:`ReplicaBatch` and waits; once every
+replica still running has asked, the batch evaluates them all in one call
+(:meth:`LowPrecisionMACECalculator.replica_results
+<mace_lpcalc.calculator.LowPrecisionMACECalculator.replica_results>`) and answers each.
+Replicas need not stay in step for this to be correct (a round is simply "every running
+replica has one request"); with equal settings they do, so every round is full.
+
+The physics of each replica is exactly that of its own run: the same integrator, seed
+and checkpoints, and forces equal to an evaluation on its own up to summation order.
+Policy ``auto`` and the sentinel judge single structures, so replicas run without them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import numpy as np
+import torch
+from ase.calculators.calculator import CalculationFailed, Calculator, all_changes
+
+from mace_lpcalc.fastpath.mace_layout import check_results
+from mace_lpcalc.md.base import MDProtocol, MDSettings
+from mace_lpcalc.md.inputs import build_calculator
+
+#: Settings that may differ between the replicas of one batch (each run's own).
+PER_REPLICA_SETTINGS = frozenset({"seed", "out", "structure", "overwrite", "resume",
+                                  "velocities_from_structure", "progress_every_s",
+                                  "checkpoint_every_s"})
+
+
+class ReplicaBatch:
+    """Collects one request per running replica, then evaluates them in one call.
+
+    Args:
+        calculator: a ``LowPrecisionMACECalculator`` (or anything with its
+            ``replica_results(list_of_atoms, properties) -> list[dict]``).
+        n_replicas: the replicas that will ask; each calls :meth:`leave` when done.
+    """
+
+    def __init__(self, calculator, n_replicas: int):
+        self.calculator = calculator
+        self._condition = threading.Condition()
+        self._running = n_replicas
+        self._requests: dict[int, tuple] = {}
+        self._answers: dict[int, dict | Exception] = {}
+        #: Replicas evaluated by each model call, in call order.
+        self.batch_sizes: list[int] = []
+
+    def evaluate(self, replica: int, atoms, properties) -> dict:
+        """Results for ``atoms`` (replica number ``replica``), once the batch is full."""
+        with self._condition:
+            self._requests[replica] = (atoms.copy(), tuple(properties))
+            self._evaluate_when_everyone_asked()
+            while replica not in self._answers:
+                self._condition.wait()
+            answer = self._answers.pop(replica)
+        if isinstance(answer, Exception):
+            raise CalculationFailed(f"the batched evaluation of the replicas failed: "
+                                    f"{type(answer).__name__}: {answer}") from answer
+        return answer
+
+    def leave(self) -> None:
+        """A replica has finished (or failed): stop waiting for its requests."""
+        with self._condition:
+            self._running -= 1
+            self._evaluate_when_everyone_asked()
+
+    def _evaluate_when_everyone_asked(self) -> None:
+        if not self._requests or len(self._requests) < self._running:
+            return
+        replicas = sorted(self._requests)
+        requests = [self._requests.pop(replica) for replica in replicas]
+        properties = sorted(set().union(*(wanted for _, wanted in requests)))
+        try:
+            results = self.calculator.replica_results([atoms for atoms, _ in requests],
+                                                      properties)
+        except Exception as err:  # noqa: BLE001 -- every waiting replica must hear of it
+            results = [err] * len(replicas)
+        self._answers.update(zip(replicas, results))
+        self.batch_sizes.append(len(replicas))
+        self._condition.notify_all()
+
+
+class ReplicaSlot(Calculator):
+    """One replica's ASE calculator: asks the shared :class:`ReplicaBatch`.
+
+    Its ``parameters`` are the shared calculator's (model hash, policy, backend,
+    versions), so each replica's trajectory records the same provenance as a run of its
+    own. Results are checked for non-finite or exploding values as the shared
+    calculator checks its own.
+    """
+
+    implemented_properties = ("energy", "free_energy", "forces", "stress", "energies",
+                              "node_energy")
+
+    def __init__(self, batch: ReplicaBatch, replica: int):
+        super().__init__()
+        self.batch, self.replica = batch, replica
+        self.parameters = batch.calculator.parameters
+        self._stress_asked_last_call = False
+
+    def check_atoms(self, atoms) -> None:
+        self.batch.calculator.check_atoms(atoms)
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        # A barostat asks for the stress right after the forces of every step: one call
+        # with both, not two (as the calculator itself does).
+        wanted = {"energy", "forces", *properties}
+        if self._stress_asked_last_call:
+            wanted.add("stress")
+        self._stress_asked_last_call = "stress" in properties
+        results = self.batch.evaluate(self.replica, self.atoms, wanted)
+        shared = self.batch.calculator
+        check_results(results, shared.policy.name, shared.max_force_eV_A)
+        self.results = results
+
+
+def check_replica_settings(settings_list: list[MDSettings]) -> None:
+    """Refuse replicas that cannot share one calculator, naming the setting."""
+    if not settings_list:
+        raise ValueError("no replicas given")
+    first = settings_list[0].as_dict()
+    for settings in settings_list[1:]:
+        if type(settings) is not type(settings_list[0]):
+            raise ValueError("replicas must all have the same settings class, got "
+                             f"{type(settings_list[0]).__name__} and {type(settings).__name__}")
+        differing = sorted(name for name, value in settings.as_dict().items()
+                           if name not in PER_REPLICA_SETTINGS and value != first[name])
+        if differing:
+            raise ValueError(f"replicas share one calculator and one protocol, so they must "
+                             f"agree on every setting but {sorted(PER_REPLICA_SETTINGS)}; "
+                             f"{settings.out} differs in: " + ", ".join(
+                                 f"{name} = {getattr(settings, name)!r} (first replica: "
+                                 f"{first[name]!r})" for name in differing))
+    outs = [str(settings.out) for settings in settings_list]
+    if len(set(outs)) != len(outs):
+        raise ValueError(f"replicas must write different files, got {outs}")
+    if first["policy"] == "auto":
+        raise ValueError("policy 'auto' chooses for one structure; give replicas a policy")
+    if first["sentinel_every"]:
+        raise ValueError("the sentinel checks one structure at a time; batched replicas "
+                         "need sentinel_every = 0")
+
+
+def run_replicas(protocol_class: type[MDProtocol], settings_list, calculator=None) -> list[dict]:
+    """Run one protocol for several settings (seeds) with batched force evaluations.
+
+    Args:
+        protocol_class: e.g. :class:`~mace_lpcalc.md.npt.NPT`.
+        settings_list: one settings object per replica; they may differ only in
+            :data:`PER_REPLICA_SETTINGS`, and their structures must hold the same atoms.
+        calculator: the shared calculator (default: built from the first settings).
+
+    Returns:
+        Each replica's summary, as :meth:`MDProtocol.run` returns it, with
+        ``replica_batch``: replicas, model calls and the mean replicas per call.
+        If any replica fails, the others still finish; then the first failure is
+        raised, with a note naming every failed run.
+    """
+    settings_list = [dataclasses.replace(settings) for settings in settings_list]
+    check_replica_settings(settings_list)
+    if calculator is None:
+        calculator = build_calculator(settings_list[0])
+    batch = ReplicaBatch(calculator, len(settings_list))
+    protocols = [protocol_class(settings, calculator=ReplicaSlot(batch, index))
+                 for index, settings in enumerate(settings_list)]
+    outcomes: list[dict | BaseException | None] = [None] * len(protocols)
+
+    def run(index: int) -> None:
+        try:
+            outcomes[index] = protocols[index].run()
+        except BaseException as err:  # noqa: BLE001 -- reported after the others finish
+            outcomes[index] = err
+        finally:
+            batch.leave()
+
+    first = settings_list[0]
+    deterministic = first.deterministic and str(first.device).startswith("cpu")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(previous or deterministic)
+    try:
+        threads = [threading.Thread(target=run, args=(index,), name=f"replica-{index}")
+                   for index in range(len(protocols))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    failures = [(settings.out, outcome) for settings, outcome in zip(settings_list, outcomes)
+                if isinstance(outcome, BaseException)]
+    if failures:
+        error = failures[0][1]
+        error.add_note(f"{len(failures)} of {len(outcomes)} replicas failed: " + "; ".join(
+            f"{out}: {type(err).__name__}: {err}" for out, err in failures))
+        raise error
+    statistics = {"replicas": len(outcomes), "model_calls": len(batch.batch_sizes),
+                  "mean_replicas_per_call": float(np.mean(batch.batch_sizes))
+                  if batch.batch_sizes else float("nan")}
+    return [dict(summary, replica_batch=statistics) for summary in outcomes]
