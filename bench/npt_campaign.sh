@@ -1,26 +1,46 @@
 #!/usr/bin/env bash
-# NPT water (thesis Experiment 2 settings) per precision policy and seed, all runs at once
-# on one GPU, then the seed-averaged comparison against FP64.
+# The certificate campaign on one GPU: NPT water (thesis Experiment 2 settings) and NVE
+# drift for every precision policy, REPLICAS seeds of each batched into one model call
+# per step (python -m mace_lpcalc.protocols.npt ... --replicas N), then the comparison
+# against FP64 (certificate.json, summary.md, plots).
 #
-#   bash bench/npt_campaign.sh OUT_DIR [STEPS] [MODEL] [STRUCTURE]
+#   bash bench/npt_campaign.sh OUT_DIR [NPT_STEPS] [REPLICAS] [NVE_STEPS]
 #
-# Every run's settings, model hash, policy and versions are stored in its .h5 file.
+# Run it again with larger step counts to extend the campaign: every run resumes from its
+# checkpoint (written every 1000 steps and every minute), so it can be built up over
+# several short GPU allocations. COMPARE=0 skips the comparison (e.g. where pymbar is
+# missing); POLICIES, STRUCTURE, MODEL and DEVICE override the defaults below.
 set -euo pipefail
-out=${1:?usage: bench/npt_campaign.sh OUT_DIR [STEPS] [MODEL] [STRUCTURE]}
-steps=${2:-20000}
-model=${3:-systems/water_mace.model}
-structure=${4:-systems/water_648.xyz}
-policies=${POLICIES:-fp64 fp32 fp32-linear-bf16 fp32-linear-fp16}
-seeds=${SEEDS:-0 1 2}
-mkdir -p "$out"
+out=${1:?usage: bench/npt_campaign.sh OUT_DIR [NPT_STEPS] [REPLICAS] [NVE_STEPS]}
+npt_steps=${2:-20000}
+replicas=${3:-16}
+nve_steps=${4:-5000}
+model=${MODEL:-systems/water_mace.model}
+structure=${STRUCTURE:-systems/water_648_spcfw.xyz}
+device=${DEVICE:-cuda}
+policies=${POLICIES:-fp64 fp32 tf32 fp32-linear-bf16 fp32-linear-fp16}
+mkdir -p "$out/npt" "$out/nve"
+
+# run PROTOCOL SETTINGS STEPS OUT_STEM POLICY: fresh, or resumed where a checkpoint exists.
+run() {
+  local protocol=$1 settings=$2 steps=$3 stem=$4 policy=$5 continue=(--overwrite)
+  [ -e "${stem}_seed0.checkpoint.npz" ] && continue=(--resume)
+  python3 -m mace_lpcalc.protocols."$protocol" "$structure" --settings "$settings" \
+    --model "$model" --policy "$policy" --device "$device" --steps "$steps" --seed 0 \
+    --replicas "$replicas" --log-every 250 --checkpoint-every 1000 --checkpoint-every-s 60 \
+    --out "$stem.h5" "${continue[@]}" > "$stem.log" 2>&1 \
+    || { echo "$stem: failed, see $stem.log" >&2; tail -3 "$stem.log" >&2; return 1; }
+}
+
 for policy in $policies; do
-  for seed in $seeds; do
-    python3 -m mace_lpcalc.protocols.npt "$structure" --settings protocols/npt_water.toml \
-      --model "$model" --policy "$policy" --device cuda --steps "$steps" --seed "$seed" \
-      --log-every 50 --checkpoint-every 5000 --out "$out/npt_${policy}_seed${seed}.h5" \
-      --overwrite > "$out/npt_${policy}_seed${seed}.log" 2>&1 &
-  done
+  run npt protocols/npt_water.toml "$npt_steps" "$out/npt/npt_$policy" "$policy"
+  echo "$(date -u +%T) npt $policy: $npt_steps steps x $replicas replicas" >&2
 done
-wait
-python3 -m mace_lpcalc.compare "$out"/npt_*.h5 --out-dir "$out/comparison" \
-  --static-deviations --model "$model" --device cuda
+for policy in $policies; do
+  run nve protocols/nve_drift.toml "$nve_steps" "$out/nve/nve_$policy" "$policy"
+  echo "$(date -u +%T) nve $policy: $nve_steps steps x $replicas replicas" >&2
+done
+if [ "${COMPARE:-1}" = 1 ]; then
+  python3 -m mace_lpcalc.compare "$out"/npt/npt_*_seed*.h5 --out-dir "$out/npt/comparison"
+  python3 -m mace_lpcalc.compare "$out"/nve/nve_*_seed*.h5 --out-dir "$out/nve/comparison"
+fi

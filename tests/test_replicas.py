@@ -264,3 +264,48 @@ def test_replica_settings_must_share_the_calculator(tmp_path):
         check_replica_settings([dataclasses.replace(base, sentinel_every=100)])
     with pytest.raises(ValueError, match="policy 'auto'"):
         check_replica_settings([dataclasses.replace(base, policy="auto")])
+
+
+def test_command_line_runs_seeds_side_by_side(tmp_path, capsys):
+    import ase.io
+
+    from mace_lpcalc.md.cli import main
+    from mace_lpcalc.md.nvt import NVT
+    from mace_lpcalc.md.trajectory import read_trajectory
+
+    ase.io.write(tmp_path / "water.xyz", water_box(8, seed=1))
+    common = [str(tmp_path / "water.xyz"), "--steps", "4", "--log-every", "2", "--seed", "5",
+              "--out", str(tmp_path / "nvt.h5")]
+    summaries = main(NVT, [*common, "--replicas", "2"])
+    assert [summary["path"] for summary in summaries] == [
+        str(tmp_path / "nvt_seed5.h5"), str(tmp_path / "nvt_seed6.h5")]
+    first, second = (read_trajectory(tmp_path / f"nvt_seed{seed}.h5") for seed in (5, 6))
+    assert first.attrs["seed"] == 5 and second.attrs["seed"] == 6
+    assert list(first["step"]) == [0, 2, 4]
+    assert not np.allclose(first["kinetic_energy"], second["kinetic_energy"])
+    with pytest.raises(SystemExit, match="sentinel_every = 0"):
+        main(NVT, [*common, "--replicas", "2", "--sentinel-every", "100", "--overwrite"])
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("policy, tolerance", [("fp64", 1e-9), ("fp32", 1e-4)])
+def test_cuda_batched_replicas_equal_single_calls(tiny_model_factory, policy, tolerance):
+    from mace_lpcalc import LowPrecisionMACECalculator
+    batched_calculator, single_calculator = (
+        LowPrecisionMACECalculator(models=tiny_model_factory(), policy=policy, device="cuda")
+        for _ in range(2))
+    replicas = _replicas(lambda: water_box(64, seed=1), 4)
+    for step in range(3):  # the second and third calls replay the captured graph
+        for atoms in replicas:
+            atoms.positions += 0.01 * np.random.default_rng(step).normal(size=atoms.positions.shape)
+        batched = batched_calculator.calculate_replicas(replicas, ["energy", "forces", "stress"])
+        for atoms, ours in zip(replicas, batched):
+            atoms.calc = single_calculator
+            forces = atoms.get_forces()
+            assert ours["energy"] == pytest.approx(atoms.get_potential_energy(),
+                                                   rel=tolerance)
+            assert np.abs(ours["forces"] - forces).max() <= tolerance * np.abs(forces).max()
+            assert np.abs(ours["stress"] - atoms.get_stress()).max() \
+                <= tolerance * np.abs(atoms.get_stress()).max()
+    engine = batched_calculator.engine
+    assert engine.last_call_replayed_graph and engine.n_graph_captures >= 1

@@ -193,7 +193,8 @@ class MDProtocol:
 
         With ``deterministic`` on a CPU, torch's deterministic algorithms are switched on
         for the run (a process-wide torch setting) and restored when it ends; where they
-        are on already (replicas running in threads) they are left as they are."""
+        are on already (:func:`~.replicas.run_replicas` sets them once for all its replicas)
+        they are left as they are."""
         if not (self.settings.deterministic and str(self.settings.device).startswith("cpu")) \
                 or torch.are_deterministic_algorithms_enabled():
             return self._run()

@@ -5,6 +5,10 @@ structure file is positional). Defaults are overridden by ``--settings FILE.toml
 is overridden by explicit options. :func:`main` is what
 ``python -m mace_lpcalc.protocols.nvt|npt|nve`` runs: it prints the run's summary as JSON,
 and reports a refused or failed run in one line (``--debug`` shows the traceback).
+``--replicas N`` runs seeds ``seed ... seed + N - 1`` side by side, their force
+evaluations batched into one model call per step (:mod:`.replicas`), each into
+``OUT_seed<k>.h5``; the sentinel, which checks one structure at a time, is then off
+unless ``--sentinel-every`` is given (and refused).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 from ase.calculators.calculator import CalculationFailed, CalculatorSetupError
 
 from mace_lpcalc.md.base import MDProtocol, MDSettings
+from mace_lpcalc.md.replicas import run_replicas
 
 try:
     import tomllib
@@ -63,6 +68,9 @@ def build_parser(settings_class: type[MDSettings], prog: str) -> argparse.Argume
                         help="TOML file of settings; command-line options override it")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error instead of one line")
+    parser.add_argument("--replicas", type=int, default=1, metavar="N",
+                        help="run N seeds (seed, seed + 1, ...) side by side with batched "
+                             "force evaluations, into OUT_seed<k>.h5 (default: 1)")
     for field in dataclasses.fields(settings_class):
         if field.name == "structure":
             continue
@@ -85,6 +93,7 @@ def settings_from_command_line(settings_class: type[MDSettings], argv, prog: str
     parser = build_parser(settings_class, prog)
     arguments = vars(parser.parse_args(argv))
     arguments.pop("debug")
+    arguments.pop("replicas")
     return _settings_from(arguments, settings_class, parser)
 
 
@@ -110,15 +119,31 @@ def main(protocol_class: type[MDProtocol], argv=None) -> dict:
     parser = build_parser(protocol_class.settings_class, prog)
     arguments = vars(parser.parse_args(argv))
     debug = arguments.pop("debug")
+    n_replicas = arguments.pop("replicas")
+    if n_replicas < 1:
+        parser.error(f"--replicas must be at least 1, got {n_replicas}")
+    if n_replicas > 1 and arguments["sentinel_every"] is None:
+        arguments["sentinel_every"] = 0
     try:
         settings = _settings_from(arguments, protocol_class.settings_class, parser)
-        summary = protocol_class(settings).run()
+        if n_replicas == 1:
+            summary = protocol_class(settings).run()
+        else:
+            summary = run_replicas(protocol_class, replica_settings(settings, n_replicas))
     except _REPORTED_ERRORS as err:
         if debug:
             raise
         raise SystemExit(f"{prog}: error: {_one_line(err)}") from None
     print(json.dumps(summary, indent=2))
     return summary
+
+
+def replica_settings(settings: MDSettings, n_replicas: int) -> list[MDSettings]:
+    """Seeds ``seed ... seed + n_replicas - 1`` of ``settings``, each into ``OUT_seed<k>.h5``."""
+    out = Path(settings.out)
+    return [dataclasses.replace(settings, seed=seed,
+                                out=str(out.with_name(f"{out.stem}_seed{seed}{out.suffix}")))
+            for seed in range(settings.seed, settings.seed + n_replicas)]
 
 
 def _one_line(error: BaseException) -> str:

@@ -4,13 +4,15 @@ A certificate needs many seeds of the same system and policy. Run as separate
 processes, each replica pays for its own model and its own small GPU kernels; here they
 share one calculator and one model call per MD step: :func:`run_replicas` runs each
 replica's :class:`~mace_lpcalc.md.base.MDProtocol` (writers, checkpoints, resume and
-all, unchanged) in a thread of its own, with a :class:`ReplicaSlot` as its calculator.
-A slot hands its structure to the shared :class:`ReplicaBatch` and waits; once every
-replica still running has asked, the batch evaluates them all in one call
+all, unchanged) in a greenlet of its own, with a :class:`ReplicaSlot` as its calculator.
+A slot hands its structure to the shared :class:`ReplicaBatch` and switches back to it;
+once every replica still running has asked, the batch evaluates them all in one call
 (:meth:`LowPrecisionMACECalculator.replica_results
-<mace_lpcalc.calculator.LowPrecisionMACECalculator.replica_results>`) and answers each.
-Replicas need not stay in step for this to be correct (a round is simply "every running
-replica has one request"); with equal settings they do, so every round is full.
+<mace_lpcalc.calculator.LowPrecisionMACECalculator.replica_results>`) and resumes each
+with its answer. Greenlets, not threads: the replicas take turns in one thread, so they
+never contend for the interpreter lock, and the order of everything is reproducible
+(16 replicas of 648 atoms under ASE Langevin, model call left out: 55 ms of Python per
+step in threads, 15 ms as greenlets, on a 2-core CPU).
 
 The physics of each replica is exactly that of its own run: the same integrator, seed
 and checkpoints, and forces equal to an evaluation on its own up to summation order.
@@ -20,11 +22,11 @@ Policy ``auto`` and the sentinel judge single structures, so replicas run withou
 from __future__ import annotations
 
 import dataclasses
-import threading
 
 import numpy as np
 import torch
 from ase.calculators.calculator import CalculationFailed, Calculator, all_changes
+from greenlet import greenlet
 
 from mace_lpcalc.fastpath.mace_layout import check_results
 from mace_lpcalc.md.base import MDProtocol, MDSettings
@@ -37,45 +39,52 @@ PER_REPLICA_SETTINGS = frozenset({"seed", "out", "structure", "overwrite", "resu
 
 
 class ReplicaBatch:
-    """Collects one request per running replica, then evaluates them in one call.
+    """Runs replicas as greenlets and evaluates their requests together.
 
     Args:
         calculator: a ``LowPrecisionMACECalculator`` (or anything with its
             ``replica_results(list_of_atoms, properties) -> list[dict]``).
-        n_replicas: the replicas that will ask; each calls :meth:`leave` when done.
     """
 
-    def __init__(self, calculator, n_replicas: int):
+    def __init__(self, calculator):
         self.calculator = calculator
-        self._condition = threading.Condition()
-        self._running = n_replicas
+        self._hub: greenlet | None = None
         self._requests: dict[int, tuple] = {}
-        self._answers: dict[int, dict | Exception] = {}
         #: Replicas evaluated by each model call, in call order.
         self.batch_sizes: list[int] = []
 
+    def run(self, replicas) -> list:
+        """Call each function of ``replicas`` (no arguments) in a greenlet of its own and
+        answer their :meth:`evaluate` calls in rounds; return what each returned, or the
+        exception it raised (one replica's failure does not stop the others)."""
+        self._hub = greenlet.getcurrent()
+        runs = [greenlet(_returning_errors(replica)) for replica in replicas]
+        outcomes: list = [None] * len(runs)
+        # The first switch starts a replica; later ones return from its evaluate().
+        answers: dict[int, object] = {index: None for index in range(len(runs))}
+        while answers:
+            for index, answer in answers.items():
+                value = runs[index].switch(answer) if answer is not None else runs[index].switch()
+                if runs[index].dead:
+                    outcomes[index] = value
+            answers = self._answer_requests()
+        return outcomes
+
     def evaluate(self, replica: int, atoms, properties) -> dict:
-        """Results for ``atoms`` (replica number ``replica``), once the batch is full."""
-        with self._condition:
-            self._requests[replica] = (atoms.copy(), tuple(properties))
-            self._evaluate_when_everyone_asked()
-            while replica not in self._answers:
-                self._condition.wait()
-            answer = self._answers.pop(replica)
+        """Results for ``atoms`` (replica number ``replica``), from the next full round."""
+        if self._hub is None or greenlet.getcurrent() is self._hub:
+            raise RuntimeError("ReplicaBatch.evaluate is called by replicas that "
+                               "ReplicaBatch.run runs")
+        self._requests[replica] = (atoms.copy(), tuple(properties))
+        answer = self._hub.switch()
         if isinstance(answer, Exception):
             raise CalculationFailed(f"the batched evaluation of the replicas failed: "
                                     f"{type(answer).__name__}: {answer}") from answer
         return answer
 
-    def leave(self) -> None:
-        """A replica has finished (or failed): stop waiting for its requests."""
-        with self._condition:
-            self._running -= 1
-            self._evaluate_when_everyone_asked()
-
-    def _evaluate_when_everyone_asked(self) -> None:
-        if not self._requests or len(self._requests) < self._running:
-            return
+    def _answer_requests(self) -> dict[int, object]:
+        if not self._requests:
+            return {}
         replicas = sorted(self._requests)
         requests = [self._requests.pop(replica) for replica in replicas]
         properties = sorted(set().union(*(wanted for _, wanted in requests)))
@@ -84,9 +93,17 @@ class ReplicaBatch:
                                                       properties)
         except Exception as err:  # noqa: BLE001 -- every waiting replica must hear of it
             results = [err] * len(replicas)
-        self._answers.update(zip(replicas, results))
         self.batch_sizes.append(len(replicas))
-        self._condition.notify_all()
+        return dict(zip(replicas, results))
+
+
+def _returning_errors(function):
+    def call():
+        try:
+            return function()
+        except BaseException as err:  # noqa: BLE001 -- reported after the others finish
+            return err
+    return call
 
 
 class ReplicaSlot(Calculator):
@@ -170,30 +187,15 @@ def run_replicas(protocol_class: type[MDProtocol], settings_list, calculator=Non
     check_replica_settings(settings_list)
     if calculator is None:
         calculator = build_calculator(settings_list[0])
-    batch = ReplicaBatch(calculator, len(settings_list))
+    batch = ReplicaBatch(calculator)
     protocols = [protocol_class(settings, calculator=ReplicaSlot(batch, index))
                  for index, settings in enumerate(settings_list)]
-    outcomes: list[dict | BaseException | None] = [None] * len(protocols)
-
-    def run(index: int) -> None:
-        try:
-            outcomes[index] = protocols[index].run()
-        except BaseException as err:  # noqa: BLE001 -- reported after the others finish
-            outcomes[index] = err
-        finally:
-            batch.leave()
-
     first = settings_list[0]
     deterministic = first.deterministic and str(first.device).startswith("cpu")
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(previous or deterministic)
     try:
-        threads = [threading.Thread(target=run, args=(index,), name=f"replica-{index}")
-                   for index in range(len(protocols))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        outcomes = batch.run([protocol.run for protocol in protocols])
     finally:
         torch.use_deterministic_algorithms(previous)
     failures = [(settings.out, outcome) for settings, outcome in zip(settings_list, outcomes)

@@ -11,6 +11,10 @@ here, in the same run, on the shipped water model:
   N replicas batched as disconnected graphs of one model call have the same atoms and the
   same edges per atom as that box, so its ms per step is what batching them into our
   engine would cost, integrator included. N = 1 is one replica alone, the baseline.
+* ``ours-batched``: N separate replicas (own boxes, own cells) under ASE Langevin, each in
+  a greenlet of its own, batched into one model call per step by
+  :class:`mace_lpcalc.md.replicas.ReplicaBatch`: what ``run_replicas`` and the campaigns
+  run. N = 1 shows the cost of the greenlet and the batch over a plain calculator.
 * ``torchsim``: TorchSim's batched Langevin NVT (``torch_sim.nvt_langevin``) on N
   separate boxes, with the same model, policy and backend as a TorchSim ``MaceModel``:
   one model call per step for all N boxes, on mace's own forward (neither our
@@ -30,6 +34,7 @@ import torch
 
 from mace_lpcalc.calculator import LowPrecisionMACECalculator
 from mace_lpcalc.installed import package_versions
+from mace_lpcalc.md.replicas import ReplicaBatch, ReplicaSlot
 from mace_lpcalc.models import default_model_path
 from mace_lpcalc.perf.bench import langevin_steps_call, write_json
 from mace_lpcalc.timing import median_ms
@@ -48,6 +53,25 @@ def ours_step_ms(policy: str, device: str, n_molecules: int, *, block: int, warm
                  repeats: int) -> float:
     run_block = langevin_steps_call(calculator(policy, device), water_box(n_molecules, seed=0),
                                     block)
+    return median_ms(run_block, device, warmup, repeats) / block
+
+
+def batched_step_ms(policy: str, device: str, n_molecules: int, n_replicas: int, *,
+                    block: int, warmup: int, repeats: int) -> float:
+    """ms per MD step of ``n_replicas`` boxes batched by :class:`ReplicaBatch`."""
+    batch = ReplicaBatch(calculator(policy, device))
+    slots = [ReplicaSlot(batch, index) for index in range(n_replicas)]
+    runs = [langevin_steps_call(slot, water_box(n_molecules, seed=seed), block, seed=seed)
+            for seed, slot in enumerate(slots)]
+
+    def run_block():
+        calls_before = len(batch.batch_sizes)
+        failures = [outcome for outcome in batch.run(runs) if isinstance(outcome, BaseException)]
+        if failures:
+            raise failures[0]
+        if set(batch.batch_sizes[calls_before:]) != {n_replicas}:
+            raise RuntimeError(f"replicas fell out of step: {batch.batch_sizes[calls_before:]}")
+
     return median_ms(run_block, device, warmup, repeats) / block
 
 
@@ -83,24 +107,28 @@ def torchsim_model(policy: str, device: str):
                      dtype=calc.policy.model_dtype, compute_stress=False)
 
 
-def measure(policies, replicas, *, device: str, n_molecules: int, block: int, warmup: int,
-            repeats: int) -> list[dict]:
+def measure(policies, replicas, engines, *, device: str, n_molecules: int, block: int,
+            warmup: int, repeats: int) -> list[dict]:
     rows = []
+    timing = dict(block=block, warmup=warmup, repeats=repeats)
     for policy in policies:
-        timing = dict(block=block, warmup=warmup, repeats=repeats)
         one_replica_ms = ours_step_ms(policy, device, n_molecules, **timing)
-        batched = torchsim_model(policy, device)
+        batched = torchsim_model(policy, device) if "torchsim" in engines else None
         for n in replicas:
-            measured = {"ours": one_replica_ms if n == 1 else
-                        ours_step_ms(policy, device, n * n_molecules, **timing),
-                        "torchsim": torchsim_step_ms(batched, n_molecules, n, device=device,
+            step_ms_of = {
+                "ours": lambda: one_replica_ms if n == 1 else
+                ours_step_ms(policy, device, n * n_molecules, **timing),
+                "ours-batched": lambda: batched_step_ms(policy, device, n_molecules, n,
+                                                        **timing),
+                "torchsim": lambda: torchsim_step_ms(batched, n_molecules, n, device=device,
                                                      **timing)}
-            for engine, step_ms in measured.items():
+            for engine in engines:
+                step_ms = step_ms_of[engine]()
                 rows.append({"engine": engine, "policy": policy, "n_replicas": n,
                              "atoms_per_replica": 3 * n_molecules, "step_ms": step_ms,
                              "replica_steps_per_s": 1e3 * n / step_ms,
                              "throughput_vs_one_replica_ours": n * one_replica_ms / step_ms})
-                print(f"{policy:18s} {engine:8s} N={n:3d}  {step_ms:8.2f} ms/step  "
+                print(f"{policy:18s} {engine:12s} N={n:3d}  {step_ms:8.2f} ms/step  "
                       f"{rows[-1]['replica_steps_per_s']:8.0f} replica-steps/s  "
                       f"×{rows[-1]['throughput_vs_one_replica_ours']:.2f}", flush=True)
     return rows
@@ -113,18 +141,21 @@ def main(argv=None) -> None:
     parser.add_argument("--molecules", type=int, default=216, help="molecules per replica")
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--policies", nargs="+", default=["fp32", "fp32-linear-fp16"])
+    parser.add_argument("--engines", nargs="+", default=["ours", "ours-batched", "torchsim"],
+                        choices=["ours", "ours-batched", "torchsim"])
     parser.add_argument("--block", type=int, default=10, help="MD steps per timed sample")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     torch.set_default_dtype(torch.float32)  # TorchSim's states follow the model's dtype
-    rows = measure(args.policies, args.replicas, device=args.device,
+    rows = measure(args.policies, args.replicas, args.engines, device=args.device,
                    n_molecules=args.molecules, block=args.block, warmup=args.warmup,
                    repeats=args.repeats)
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else None
     write_json(args.out, {
-        "benchmark": "replica throughput, ASE Langevin on our engine vs TorchSim batched NVT",
+        "benchmark": "replica throughput: ASE Langevin on our engine (one box of N replicas' "
+                     "atoms, N replicas batched) vs TorchSim batched NVT",
         "model": str(default_model_path().name), "device": args.device, "gpu": gpu,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": package_versions(),
