@@ -27,7 +27,7 @@ from pathlib import Path
 from mace_lpcalc.campaign.config import PROTOCOLS
 from mace_lpcalc.campaign.grid import RunSpec
 from mace_lpcalc.md.base import MDSettings
-from mace_lpcalc.md.checkpoint import Checkpoint, checkpoint_path
+from mace_lpcalc.md.checkpoint import Checkpoint, checkpoint_path, settings_changes
 from mace_lpcalc.md.replicas import run_replicas
 from mace_lpcalc.md.trajectory import read_trajectory
 
@@ -78,15 +78,10 @@ def finished_summary(protocol_class, settings: MDSettings, checkpoint: Checkpoin
     another protocol or with settings a resumed run could not change (a finished run of
     another campaign must not pass for this one's)."""
     out = Path(settings.out)
-    current = settings.as_dict()
-    changed = sorted(key for key in set(current) | set(checkpoint.settings)
-                     if key not in settings.RESUMABLE_CHANGES
-                     and current.get(key) != checkpoint.settings.get(key))
-    if checkpoint.protocol != protocol_class.name or changed:
-        differences = [] if checkpoint.protocol == protocol_class.name else [
-            f"protocol = {protocol_class.name!r} (checkpoint: {checkpoint.protocol!r})"]
-        differences += [f"{key} = {current.get(key)!r} (checkpoint: "
-                        f"{checkpoint.settings.get(key)!r})" for key in changed]
+    differences = settings_changes({"protocol": protocol_class.name, **settings.as_dict()},
+                                   {"protocol": checkpoint.protocol, **checkpoint.settings},
+                                   settings.RESUMABLE_CHANGES)
+    if differences:
         raise ValueError(f"{out} was finished with different settings: "
                          + ", ".join(differences) + "; remove it (and its checkpoint) to "
                          "run it again")

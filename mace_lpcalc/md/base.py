@@ -44,7 +44,7 @@ from mace_lpcalc.calculator import EXPLODING_FORCE_EV_A
 from mace_lpcalc.installed import BACKENDS, package_versions
 from mace_lpcalc.precision.auto import DEFAULT_AUTO_FORCE_BUDGET_EV_A
 from mace_lpcalc.precision.policies import POLICIES
-from mace_lpcalc.md.checkpoint import Checkpoint, checkpoint_path
+from mace_lpcalc.md.checkpoint import Checkpoint, checkpoint_path, settings_changes
 from mace_lpcalc.md.inputs import build_calculator, prepare_output_directory, read_structure
 from mace_lpcalc.md.progress import RunProgress, ns_per_day
 from mace_lpcalc.precision.sentinel import SENTINEL_ACTIONS
@@ -346,14 +346,10 @@ class MDProtocol:
         if checkpoint.protocol != self.name:
             raise ValueError(f"the checkpoint was written by the {checkpoint.protocol} "
                              f"protocol, not {self.name}")
-        current = self.settings.as_dict()
-        changed = sorted(key for key in set(current) | set(checkpoint.settings)
-                         if key not in self.settings.RESUMABLE_CHANGES
-                         and current.get(key) != checkpoint.settings.get(key))
+        changed = settings_changes(self.settings.as_dict(), checkpoint.settings,
+                                   self.settings.RESUMABLE_CHANGES)
         if changed:
-            raise ValueError("cannot resume with different settings: " + ", ".join(
-                f"{key} = {current.get(key)!r} (checkpoint: {checkpoint.settings.get(key)!r})"
-                for key in changed))
+            raise ValueError("cannot resume with different settings: " + ", ".join(changed))
         return checkpoint
 
     def _save_checkpoint(self, atoms, dynamics, step: int, model_hash: str) -> None:

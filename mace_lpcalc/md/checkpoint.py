@@ -81,3 +81,12 @@ class Checkpoint:
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
             raise ValueError(f"{path} is not a readable mace_lpcalc checkpoint "
                              f"({type(err).__name__}: {err})") from err
+
+
+def settings_changes(current: dict, saved: dict, may_change) -> list[str]:
+    """The settings (besides those in ``may_change``) whose values differ between
+    ``current`` and the ``saved`` ones of a checkpoint, as ``name = value (checkpoint:
+    value)``."""
+    return [f"{key} = {current.get(key)!r} (checkpoint: {saved.get(key)!r})"
+            for key in sorted(set(current) | set(saved))
+            if key not in may_change and current.get(key) != saved.get(key)]
