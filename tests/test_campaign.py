@@ -118,7 +118,7 @@ def test_the_shipped_campaign_and_a_dry_run(monkeypatch, capsys, inputs, tmp_pat
     monkeypatch.chdir(REPOSITORY)  # its paths are relative to the repository root
     shipped = load_campaign("protocols/campaign_npt_certificate.toml")
     specs = expand_grid(shipped)
-    assert len(specs) == 2 * 5 * 3
+    assert len(specs) == 2 * 5 * 16
     assert {spec.settings["steps"] for spec in specs if spec.protocol == "npt"} == {20000}
     assert {spec.settings["steps"] for spec in specs if spec.protocol == "nve"} == {10000}
     assert len(group_tasks(specs, shipped.runs_per_task)) == 10
