@@ -47,7 +47,6 @@ key                            default  compares
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,11 +54,7 @@ import numpy as np
 from scipy import stats
 
 from mace_lpcalc.analysis.statistics import SeedAverage
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
+from mace_lpcalc.toml_files import read_toml
 
 #: Margin per observable; see the module docstring for what each compares.
 DEFAULT_MARGINS = {
@@ -209,11 +204,7 @@ def load_margins(path) -> dict[str, float]:
     value that is not a positive number, is a ``ValueError`` naming the key.
     """
     path = Path(path)
-    with open(path, "rb") as handle:
-        try:
-            data = tomllib.load(handle)
-        except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"{path}: not valid TOML ({err})") from err
+    data = read_toml(path, "margins")
     table = data.get(MARGINS_TABLE)
     if not isinstance(table, dict):
         raise ValueError(f"{path} has no [{MARGINS_TABLE}] table")

@@ -39,11 +39,7 @@ from mace_lpcalc.md.npt import NPT
 from mace_lpcalc.md.nve import NVE
 from mace_lpcalc.md.nvt import NVT
 from mace_lpcalc.precision.policies import POLICIES
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
+from mace_lpcalc.toml_files import read_toml
 
 #: Protocol name -> class; the ``protocol`` of an ensemble is one of these names.
 PROTOCOLS = {protocol.name: protocol for protocol in (NVT, NPT, NVE)}
@@ -92,13 +88,7 @@ def load_campaign(path) -> Campaign:
     """Read and check the campaign file ``path``; raises :class:`CampaignError` (or
     FileNotFoundError for the file itself) naming the problem."""
     path = Path(path)
-    try:
-        with open(path, "rb") as handle:
-            document = tomllib.load(handle)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"campaign file not found: {path}") from None
-    except tomllib.TOMLDecodeError as err:
-        raise CampaignError(f"campaign file {path} is not valid TOML: {err}") from err
+    document = read_toml(path, "campaign", CampaignError)
     _refuse_unknown(document, _ROOT_KEYS, f"{path}: top level")
     table = document.get("campaign")
     if not isinstance(table, dict):

@@ -23,23 +23,13 @@ from ase.calculators.calculator import CalculationFailed, CalculatorSetupError
 
 from mace_lpcalc.md.base import MDProtocol, MDSettings
 from mace_lpcalc.md.replicas import run_replicas
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
+from mace_lpcalc.toml_files import read_toml
 
 
 def read_settings_file(path, settings_class: type[MDSettings]) -> dict:
     """Settings from a TOML file whose keys are field names of ``settings_class``."""
     path = Path(path)
-    try:
-        with open(path, "rb") as handle:
-            values = tomllib.load(handle)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"settings file not found: {path}") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"settings file {path} is not valid TOML: {err}") from err
+    values = read_toml(path, "settings")
     fields = {field.name: field for field in dataclasses.fields(settings_class)}
     unknown = sorted(set(values) - set(fields))
     if unknown:

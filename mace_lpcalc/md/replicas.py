@@ -21,8 +21,6 @@ Policy ``auto`` and the sentinel judge single structures, so replicas run withou
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import torch
 from ase.calculators.calculator import CalculationFailed, Calculator, all_changes
@@ -75,7 +73,9 @@ class ReplicaBatch:
         if self._hub is None or greenlet.getcurrent() is self._hub:
             raise RuntimeError("ReplicaBatch.evaluate is called by replicas that "
                                "ReplicaBatch.run runs")
-        self._requests[replica] = (atoms.copy(), tuple(properties))
+        # No copy: the caller is suspended until its answer comes back, so its atoms
+        # cannot change meanwhile (a slot passes its own copy anyway).
+        self._requests[replica] = (atoms, tuple(properties))
         answer = self._hub.switch()
         if isinstance(answer, Exception):
             raise CalculationFailed(f"the batched evaluation of the replicas failed: "
@@ -183,7 +183,7 @@ def run_replicas(protocol_class: type[MDProtocol], settings_list, calculator=Non
         If any replica fails, the others still finish; then the first failure is
         raised, with a note naming every failed run.
     """
-    settings_list = [dataclasses.replace(settings) for settings in settings_list]
+    settings_list = list(settings_list)
     check_replica_settings(settings_list)
     if calculator is None:
         calculator = build_calculator(settings_list[0])
