@@ -8,8 +8,10 @@
 #
 # Run it again with larger step counts to extend the campaign: every run resumes from its
 # checkpoint (written every 1000 steps and every minute), so it can be built up over
-# several short GPU allocations. COMPARE=0 skips the comparison (e.g. where pymbar is
-# missing); POLICIES, STRUCTURE, MODEL and DEVICE override the defaults below.
+# several short GPU allocations. WALL_S=N makes the whole script end within about N
+# seconds (each run stops in time with a checkpoint; runs with under a minute left are
+# not started), for a job slot of known length. COMPARE=0 skips the comparison (e.g.
+# where pymbar is missing); POLICIES, STRUCTURE, MODEL and DEVICE override the defaults.
 set -euo pipefail
 out=${1:?usage: bench/npt_campaign.sh OUT_DIR [NPT_STEPS] [REPLICAS] [NVE_STEPS]}
 npt_steps=${2:-20000}
@@ -19,16 +21,19 @@ model=${MODEL:-systems/water_mace.model}
 structure=${STRUCTURE:-systems/water_648_spcfw.xyz}
 device=${DEVICE:-cuda}
 policies=${POLICIES:-fp64 fp32 tf32 fp32-linear-bf16 fp32-linear-fp16}
+deadline=$((SECONDS + ${WALL_S:-315360000}))
 mkdir -p "$out/npt" "$out/nve"
 
 # run PROTOCOL SETTINGS STEPS OUT_STEM POLICY: fresh, or resumed where a checkpoint exists.
 run() {
   local protocol=$1 settings=$2 steps=$3 stem=$4 policy=$5 continue=(--overwrite)
+  local left_s=$((deadline - SECONDS))
+  if [ "$left_s" -lt 60 ]; then echo "$stem: not started, ${left_s} s left" >&2; return 0; fi
   [ -e "${stem}_seed0.checkpoint.npz" ] && continue=(--resume)
   python3 -m mace_lpcalc.protocols."$protocol" "$structure" --settings "$settings" \
     --model "$model" --policy "$policy" --device "$device" --steps "$steps" --seed 0 \
     --replicas "$replicas" --log-every 250 --checkpoint-every 1000 --checkpoint-every-s 60 \
-    --out "$stem.h5" "${continue[@]}" > "$stem.log" 2>&1 \
+    --max-wall-s "$((left_s - 20))" --out "$stem.h5" "${continue[@]}" >> "$stem.log" 2>&1 \
     || { echo "$stem: failed, see $stem.log" >&2; tail -3 "$stem.log" >&2; return 1; }
 }
 

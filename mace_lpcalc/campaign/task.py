@@ -87,6 +87,6 @@ def finished_summary(protocol_class, settings: MDSettings, checkpoint: Checkpoin
                          "run it again")
     trajectory = read_trajectory(out, names=("step", *protocol_class.summary_series))
     return {"protocol": protocol_class.name, "path": str(out), "steps_run": 0,
-            "final_step": int(trajectory["step"][-1]),
+            "final_step": int(trajectory["step"][-1]), "stopped": None,
             "ns_per_day": float("nan"),  # as the protocols report a run of no steps
             **protocol_class(settings).summarize(trajectory)}

@@ -11,7 +11,9 @@ does the rest:
 3. log a frame every ``log_every`` steps to the trajectory (:mod:`mace_lpcalc.md.trajectory`),
    stopping with ``CalculationFailed`` at the first non-finite or exploding force,
 4. write a checkpoint every ``checkpoint_every`` steps, every ``checkpoint_every_s``
-   seconds of wall time, and at the end,
+   seconds of wall time, and at the end; stop early, checkpoint first, after
+   ``max_wall_s`` seconds or when :data:`STOP_REQUESTED` is set (the command line sets it
+   on SIGTERM, which a batch scheduler sends before it kills a job),
 5. report progress (:mod:`.progress`): a bar on a terminal, plain lines in a log file.
 
 The command line that builds settings and runs a protocol is :mod:`.cli`.
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -52,6 +55,10 @@ from mace_lpcalc.md.frames import TrajectoryData, frame_from_atoms, is_periodic
 from mace_lpcalc.md.trajectory import TrajectoryWriter, read_trajectory
 
 _FS_PER_PS = 1000.0
+
+#: Set (e.g. by a signal handler) to make every running protocol write a checkpoint and
+#: stop after its current step; a batch job's end then loses no simulated time.
+STOP_REQUESTED = threading.Event()
 
 
 def setting(default, help: str, *, flags=(), choices=None):
@@ -92,6 +99,9 @@ class MDSettings:
     checkpoint_every: int = setting(1000, "steps between checkpoints")
     checkpoint_every_s: float = setting(300.0, "wall-clock seconds between checkpoints, "
                                                "whichever of the two comes first (s)")
+    max_wall_s: float = setting(0.0, "stop after this many wall-clock seconds, with a "
+                                     "checkpoint to resume from, e.g. before a job slot "
+                                     "ends (s; 0: no limit)")
     progress_every_s: float = setting(30.0, "wall-clock seconds between progress lines "
                                             "when the output is not a terminal (s)")
     max_force_eV_A: float = setting(EXPLODING_FORCE_EV_A,
@@ -112,7 +122,8 @@ class MDSettings:
     #: Settings that may change when a run is resumed; every other one must match.
     RESUMABLE_CHANGES: ClassVar[frozenset] = frozenset(
         {"structure", "model", "device", "deterministic", "compile_model", "steps",
-         "checkpoint_every", "checkpoint_every_s", "progress_every_s", "sentinel_every",
+         "checkpoint_every", "checkpoint_every_s", "max_wall_s", "progress_every_s",
+         "sentinel_every",
          "sentinel_force_budget_eV_A", "sentinel_action", "sentinel_fallback_policy", "out",
          "overwrite", "resume"})
 
@@ -133,6 +144,9 @@ class MDSettings:
                              f"{self.sentinel_force_budget_eV_A}")
         if self.steps < 0:
             raise ValueError(f"steps must be non-negative, got {self.steps}")
+        if self.max_wall_s < 0:
+            raise ValueError(f"max_wall_s must be 0 (no limit) or positive, got "
+                             f"{self.max_wall_s}")
         if self.temperature_K < 0:
             raise ValueError(f"temperature_K must be non-negative, got {self.temperature_K}")
         if self.overwrite and self.resume:
@@ -189,7 +203,9 @@ class MDProtocol:
     # -- the run -------------------------------------------------------------------------
     def run(self) -> dict:
         """Run (or resume) the protocol; return a summary dict (``protocol``, ``path``,
-        ``steps_run``, ``final_step``, ``ns_per_day`` and the protocol's own results).
+        ``steps_run``, ``final_step``, ``ns_per_day``, ``stopped`` -- why the run ended
+        before ``steps`` with a checkpoint to resume from, or None -- and the protocol's
+        own results).
 
         With ``deterministic`` on a CPU, torch's deterministic algorithms are switched on
         for the run (a process-wide torch setting) and restored when it ends; where they
@@ -206,6 +222,7 @@ class MDProtocol:
             torch.use_deterministic_algorithms(previous)
 
     def _run(self) -> dict:
+        started = time.perf_counter()
         settings = self.settings
         out = Path(settings.out)
         checkpoint = self._load_checkpoint() if settings.resume else None
@@ -236,7 +253,7 @@ class MDProtocol:
         if checkpoint and start >= settings.steps:
             print(f"{out}: already at step {start} of {settings.steps}; nothing to run",
                   file=sys.stderr)
-            return self._summary(out, 0, float("nan"))
+            return self._summary(out, 0, float("nan"), stopped=None)
 
         if checkpoint:
             writer = TrajectoryWriter.reopen(out, keep_through_step=start, n_atoms=len(atoms),
@@ -259,8 +276,9 @@ class MDProtocol:
             if checkpoint is None:
                 writer.append(self._frame(atoms, dynamics, 0, float("nan")))
                 self._save_checkpoint(atoms, dynamics, 0, model_hash)
-            wall_seconds = self._integrate(atoms, dynamics, writer, start, model_hash)
-        return self._summary(out, settings.steps - start, wall_seconds)
+            end, wall_seconds, stopped = self._integrate(atoms, dynamics, writer, start,
+                                                         model_hash, started)
+        return self._summary(out, end - start, wall_seconds, stopped)
 
     def _problem_after(self, atoms, advance=None) -> str | None:
         """Run ``advance`` (an MD step) if given, then check the forces; what went wrong."""
@@ -271,13 +289,17 @@ class MDProtocol:
         except CalculationFailed as err:
             return str(err)
 
-    def _integrate(self, atoms, dynamics, writer, start: int, model_hash: str) -> float:
+    def _integrate(self, atoms, dynamics, writer, start: int, model_hash: str,
+                   started: float) -> tuple[int, float, str | None]:
+        """Steps from ``start`` to ``settings.steps``, or until a stop; return the last
+        step, the wall time of the loop (s) and why it stopped early (None: it did not)."""
         settings = self.settings
         progress = RunProgress(f"{self.name} {Path(settings.out).name}", start, settings.steps,
                                settings.timestep_fs, settings.progress_every_s,
                                show_conserved_energy=self.conserves_energy)
         run_started = interval_started = last_checkpoint = time.perf_counter()
-        last_logged = start
+        last_logged = step = start
+        stopped = None
         with progress:
             for step in range(start + 1, settings.steps + 1):
                 problem = self._problem_after(atoms, dynamics.step)
@@ -295,12 +317,25 @@ class MDProtocol:
                     progress.update(frame, atoms, sentinel.records[-1].force_max
                                     if sentinel is not None and sentinel.records else None)
                     interval_started, last_logged = now, step
-                checkpoint_due = time.perf_counter() - last_checkpoint >= settings.checkpoint_every_s
+                now = time.perf_counter()
+                stopped = self._stop_reason(now - started) if step < settings.steps else None
                 if (step % settings.checkpoint_every == 0 or step == settings.steps
-                        or checkpoint_due):
+                        or now - last_checkpoint >= settings.checkpoint_every_s or stopped):
                     self._save_checkpoint(atoms, dynamics, step, model_hash)
                     last_checkpoint = time.perf_counter()
-        return time.perf_counter() - run_started
+                if stopped:
+                    print(f"{settings.out}: stopped at step {step} of {settings.steps} "
+                          f"({stopped}); resume continues from its checkpoint",
+                          file=sys.stderr)
+                    break
+        return step, time.perf_counter() - run_started, stopped
+
+    def _stop_reason(self, elapsed_s: float) -> str | None:
+        if STOP_REQUESTED.is_set():
+            return "stop requested"
+        if self.settings.max_wall_s and elapsed_s >= self.settings.max_wall_s:
+            return f"max_wall_s = {self.settings.max_wall_s:g} s reached"
+        return None
 
     def _write_sentinel_checks(self, calculator, writer, step: int) -> None:
         """Log the sentinel checks the calculator made since the last call, at ``step``."""
@@ -358,11 +393,12 @@ class MDProtocol:
                    dynamics_state=self.dynamics_state(dynamics)
                    ).save(checkpoint_path(self.settings.out))
 
-    def _summary(self, out: Path, steps_run: int, wall_seconds: float) -> dict:
+    def _summary(self, out: Path, steps_run: int, wall_seconds: float,
+                 stopped: str | None) -> dict:
         seconds_per_step = wall_seconds / steps_run if steps_run else float("nan")
         trajectory = read_trajectory(out, names=("step", *self.summary_series))
         return {"protocol": self.name, "path": str(out), "steps_run": steps_run,
-                "final_step": int(trajectory["step"][-1]),
+                "final_step": int(trajectory["step"][-1]), "stopped": stopped,
                 "ns_per_day": ns_per_day(self.settings.timestep_fs, seconds_per_step),
                 **self.summarize(trajectory)}
 

@@ -8,20 +8,25 @@ and reports a refused or failed run in one line (``--debug`` shows the traceback
 ``--replicas N`` runs seeds ``seed ... seed + N - 1`` side by side, their force
 evaluations batched into one model call per step (:mod:`.replicas`), each into
 ``OUT_seed<k>.h5``; the sentinel, which checks one structure at a time, is then off
-unless ``--sentinel-every`` is given (and refused).
+unless ``--sentinel-every`` is given (and refused). SIGTERM, which a batch scheduler
+sends before it kills a job, makes the run write a checkpoint after its current step and
+stop (exit status 143); ``--resume`` continues it.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import contextlib
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from ase.calculators.calculator import CalculationFailed, CalculatorSetupError
 
-from mace_lpcalc.md.base import MDProtocol, MDSettings
+from mace_lpcalc.md.base import STOP_REQUESTED, MDProtocol, MDSettings
 from mace_lpcalc.md.replicas import run_replicas
 from mace_lpcalc.toml_files import read_toml
 
@@ -116,16 +121,40 @@ def main(protocol_class: type[MDProtocol], argv=None) -> dict:
         arguments["sentinel_every"] = 0
     try:
         settings = _settings_from(arguments, protocol_class.settings_class, parser)
-        if n_replicas == 1:
-            summary = protocol_class(settings).run()
-        else:
-            summary = run_replicas(protocol_class, replica_settings(settings, n_replicas))
+        with _stop_on_sigterm() as terminated:
+            if n_replicas == 1:
+                summary = protocol_class(settings).run()
+            else:
+                summary = run_replicas(protocol_class, replica_settings(settings, n_replicas))
     except _REPORTED_ERRORS as err:
         if debug:
             raise
         raise SystemExit(f"{prog}: error: {_one_line(err)}") from None
     print(json.dumps(summary, indent=2))
+    if terminated.is_set():
+        raise SystemExit(128 + signal.SIGTERM)
     return summary
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """While the run lasts, SIGTERM sets :data:`STOP_REQUESTED` instead of killing the
+    process; yields an event telling whether it came."""
+    terminated = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # signals need it
+        yield terminated
+        return
+
+    def request_stop(signum, frame):
+        terminated.set()
+        STOP_REQUESTED.set()
+
+    previous = signal.signal(signal.SIGTERM, request_stop)
+    try:
+        yield terminated
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        STOP_REQUESTED.clear()
 
 
 def replica_settings(settings: MDSettings, n_replicas: int) -> list[MDSettings]:
