@@ -10,7 +10,10 @@
 # checkpoint (written every 1000 steps and every minute), so it can be built up over
 # several short GPU allocations. WALL_S=N makes the whole script end within about N
 # seconds (each run stops in time with a checkpoint; runs with under a minute left are
-# not started), for a job slot of known length. COMPARE=0 skips the comparison (e.g.
+# not started), for a job slot of known length. PARALLEL=1 runs the policies at once, as
+# separate processes sharing the GPU: while one process runs its integrators in Python,
+# the GPU computes for another (each gets an equal share of the CPU threads).
+# ENSEMBLES="nve npt" runs the NVE drift runs first. COMPARE=0 skips the comparison (e.g.
 # where pymbar is missing); POLICIES, STRUCTURE, MODEL and DEVICE override the defaults.
 set -euo pipefail
 out=${1:?usage: bench/npt_campaign.sh OUT_DIR [NPT_STEPS] [REPLICAS] [NVE_STEPS]}
@@ -37,13 +40,32 @@ run() {
     || { echo "$stem: failed, see $stem.log" >&2; tail -3 "$stem.log" >&2; return 1; }
 }
 
-for policy in $policies; do
-  run npt protocols/npt_water.toml "$npt_steps" "$out/npt/npt_$policy" "$policy"
-  echo "$(date -u +%T) npt $policy: $npt_steps steps x $replicas replicas" >&2
-done
-for policy in $policies; do
-  run nve protocols/nve_drift.toml "$nve_steps" "$out/nve/nve_$policy" "$policy"
-  echo "$(date -u +%T) nve $policy: $nve_steps steps x $replicas replicas" >&2
+# every PROTOCOL SETTINGS STEPS: run it for each policy, one after the other or at once.
+every() {
+  local protocol=$1 settings=$2 steps=$3 pids=() policy failed=0
+  for policy in $policies; do
+    if [ "${PARALLEL:-0}" = 1 ]; then
+      run "$protocol" "$settings" "$steps" "$out/$protocol/${protocol}_$policy" "$policy" &
+      pids+=($!)
+    else
+      run "$protocol" "$settings" "$steps" "$out/$protocol/${protocol}_$policy" "$policy"
+    fi
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+  echo "$(date -u +%T) $protocol: up to $steps steps x $replicas replicas" >&2
+  return $failed
+}
+
+if [ "${PARALLEL:-0}" = 1 ]; then
+  n_policies=$(wc -w <<< "$policies")
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ($(nproc) + n_policies - 1) / n_policies ))}
+fi
+for ensemble in ${ENSEMBLES:-npt nve}; do
+  case $ensemble in
+    npt) every npt protocols/npt_water.toml "$npt_steps" ;;
+    nve) every nve protocols/nve_drift.toml "$nve_steps" ;;
+    *) echo "unknown ensemble $ensemble (npt, nve)" >&2; exit 2 ;;
+  esac
 done
 if [ "${COMPARE:-1}" = 1 ]; then
   python3 -m mace_lpcalc.compare "$out"/npt/npt_*_seed*.h5 --out-dir "$out/npt/comparison"

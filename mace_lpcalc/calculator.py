@@ -38,6 +38,7 @@ from mace_lpcalc.precision.auto import DEFAULT_AUTO_FORCE_BUDGET_EV_A
 from mace_lpcalc.precision.dtype_report import dtype_report
 from mace_lpcalc.precision.handover import PolicyHandover
 from mace_lpcalc.replica_calls import ReplicaCalls
+from mace_lpcalc.system_changes import ExactStateCheck
 from mace_lpcalc.precision.policies import (apply_policy, check_device_supports,
                        copy_without_policy, get_policy, policy_context)
 
@@ -65,7 +66,7 @@ def _policy_for(policy, default_dtype: str):
 _PROCESS_DEFAULTS_LOCK = threading.RLock()
 
 
-class LowPrecisionMACECalculator(ReplicaCalls, PolicyHandover, MACECalculator):
+class LowPrecisionMACECalculator(ExactStateCheck, ReplicaCalls, PolicyHandover, MACECalculator):
     """A MACE ASE calculator that runs a named precision policy on e3nn or cuEquivariance.
 
     Accepts every keyword of mace's ``MACECalculator`` and returns the same result keys,

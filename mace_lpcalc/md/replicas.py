@@ -29,6 +29,7 @@ from greenlet import greenlet
 from mace_lpcalc.fastpath.mace_layout import check_results
 from mace_lpcalc.md.base import MDProtocol, MDSettings
 from mace_lpcalc.md.inputs import build_calculator
+from mace_lpcalc.system_changes import ExactStateCheck
 
 #: Settings that may differ between the replicas of one batch (each run's own).
 PER_REPLICA_SETTINGS = frozenset({"seed", "out", "structure", "overwrite", "resume",
@@ -106,7 +107,7 @@ def _returning_errors(function):
     return call
 
 
-class ReplicaSlot(Calculator):
+class ReplicaSlot(ExactStateCheck, Calculator):
     """One replica's ASE calculator: asks the shared :class:`ReplicaBatch`.
 
     Its ``parameters`` are the shared calculator's (model hash, policy, backend,
