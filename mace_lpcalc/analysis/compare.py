@@ -40,7 +40,7 @@ from mace_lpcalc.analysis.plots import plot_msds, plot_rdfs, plot_traces
 from mace_lpcalc.analysis.report import (DRIFT_REFERENCE_POLICY, Summary, common_msd_lag_ps,
                                          common_rdf_radius_A, group_label,
                                          production_start_frame, run_observables, summarise)
-from mace_lpcalc.analysis.runs import Run, load_run
+from mace_lpcalc.analysis.runs import Run, cut_to_time, load_run
 from mace_lpcalc.analysis.screening import (ScreenResult, screen_markdown,
                                             seed_compressibility, static_screen)
 from mace_lpcalc.analysis.thermodynamics import has_conserved_energy
@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--discard-fraction", type=float, default=None,
                         help="treat this leading fraction of each run as equilibration "
                              "(default: detect each run's equilibration automatically)")
+    parser.add_argument("--full-runs", action="store_true",
+                        help="analyse every run to its end (default: all runs only up to the "
+                             "end of the shortest, so that groups run for different lengths "
+                             "see the same equilibration)")
     parser.add_argument("--margins", type=Path,
                         help="TOML file whose [equivalence] table overrides equivalence "
                              "margins (keys: " + ", ".join(DEFAULT_MARGINS) + ")")
@@ -97,6 +101,9 @@ def compare(args: argparse.Namespace) -> str:
     paths = list(dict.fromkeys(p.resolve() for p in [*args.runs, *args.reference]))
     runs = [load_run(path) for path in paths]
     notes = _check_comparable(runs)
+    if not args.full_runs:
+        runs, window_notes = _common_window(runs)
+        notes += window_notes
     mixed_backends = len({run.backend for run in runs}) > 1
     groups = {run.path: group_label(run, mixed_backends) for run in runs}
     reference = _reference_group(runs, groups, {p.resolve() for p in args.reference})
@@ -149,6 +156,20 @@ def compare(args: argparse.Namespace) -> str:
         markdown = _markdown(runs, groups, starts, summary, deviations, notes, args, screen)
         markdown_path.write_text(markdown, encoding="utf-8")
     return markdown
+
+
+def _common_window(runs: list[Run]) -> tuple[list[Run], list[str]]:
+    """The runs cut to the shortest one's end: a system still drifting towards
+    equilibrium (density after a change of model) would otherwise make a longer-run group
+    differ from a shorter-run one for no reason but its length."""
+    end_ps = min(float(run.time_ps[-1]) for run in runs)
+    longest_ps = max(float(run.time_ps[-1]) for run in runs)
+    if longest_ps - end_ps < 1e-9:
+        return runs, []
+    cut = [cut_to_time(run, end_ps) for run in runs]
+    return cut, [f"All runs are analysed up to {end_ps:.4g} ps, the end of the shortest; "
+                 f"{sum(c is not r for c, r in zip(cut, runs))} run(s) go on to up to "
+                 f"{longest_ps:.4g} ps (--full-runs uses everything)"]
 
 
 def _check_comparable(runs: list[Run]) -> list[str]:

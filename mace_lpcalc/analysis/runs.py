@@ -8,6 +8,7 @@ module hands out is in Å, eV, K, bar, ps and seconds.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,6 +159,17 @@ def load_run(path) -> Run:
         sentinel_fallback=attrs.get("sentinel_fallback"),
         versions=attrs.get("versions") if isinstance(attrs.get("versions"), dict) else {},
     )
+
+
+def cut_to_time(run: Run, end_ps: float) -> Run:
+    """``run`` without the frames logged after ``end_ps`` (ps, simulation time)."""
+    keep = int(np.searchsorted(run.time_ps, end_ps, side="right"))
+    if keep == run.n_frames:
+        return run
+    if keep < 2:
+        raise ValueError(f"{run.path.name}: fewer than two frames up to {end_ps:g} ps")
+    return dataclasses.replace(run, trajectory=run.trajectory[:keep],
+                               series={name: values[:keep] for name, values in run.series.items()})
 
 
 def _normalise_unit(unit: str) -> str:
