@@ -331,11 +331,9 @@ class MDProtocol:
         return step, time.perf_counter() - run_started, stopped
 
     def _stop_reason(self, elapsed_s: float) -> str | None:
-        if STOP_REQUESTED.is_set():
-            return "stop requested"
-        if self.settings.max_wall_s and elapsed_s >= self.settings.max_wall_s:
-            return f"max_wall_s = {self.settings.max_wall_s:g} s reached"
-        return None
+        limit_s = self.settings.max_wall_s
+        return "stop requested" if STOP_REQUESTED.is_set() else (
+            f"max_wall_s = {limit_s:g} s reached" if limit_s and elapsed_s >= limit_s else None)
 
     def _write_sentinel_checks(self, calculator, writer, step: int) -> None:
         """Log the sentinel checks the calculator made since the last call, at ``step``."""
