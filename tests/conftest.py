@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mace_lpcalc.models import build_tiny_model
+from tiny_models import build_tiny_model
 from mace_lpcalc.systems import water_box
 
 torch.set_num_threads(2)

@@ -167,9 +167,12 @@ def test_no_traceback_reaches_the_user_unless_asked(files, tmp_path):
     command = [sys.executable, "-m", "mace_lpcalc.protocols.nvt", str(files / "water.xyz"),
                "--model", str(files / "tiny.model"), "--dt", "-1",
                "--out", str(tmp_path / "run.h5")]
-    plain = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    # Both start at once, so their slow imports overlap.
+    plain, debug = (subprocess.Popen(arguments, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True) for arguments in (command, command + ["--debug"]))
+    plain_stderr, debug_stderr = (process.communicate(timeout=300)[1]
+                                  for process in (plain, debug))
     assert plain.returncode != 0
-    assert plain.stderr.strip().splitlines() == [
+    assert plain_stderr.strip().splitlines() == [
         "python -m mace_lpcalc.protocols.nvt: error: timestep_fs must be positive, got -1.0"]
-    debug = subprocess.run(command + ["--debug"], capture_output=True, text=True, timeout=300)
-    assert debug.returncode != 0 and "Traceback" in debug.stderr
+    assert debug.returncode != 0 and "Traceback" in debug_stderr

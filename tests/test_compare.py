@@ -19,7 +19,7 @@ from mace_lpcalc.calculator import LowPrecisionMACECalculator
 from mace_lpcalc.analysis.compare import format_estimate, main
 from mace_lpcalc.analysis.report import production_start_frame
 from mace_lpcalc.analysis.statistics import equilibration_start
-from mace_lpcalc.models import build_tiny_model
+from tiny_models import build_tiny_model
 from mace_lpcalc.systems import water_box
 from mace_lpcalc.md.frames import Frame
 from mace_lpcalc.md.trajectory import TrajectoryError, TrajectoryWriter

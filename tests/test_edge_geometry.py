@@ -9,7 +9,7 @@ from e3nn.util import jit
 from mace.modules import utils as mace_utils
 
 from mace_lpcalc.fastpath import edge_geometry
-from mace_lpcalc.models import build_tiny_model
+from tiny_models import build_tiny_model
 
 
 def _edges(seed=0):

@@ -12,7 +12,7 @@ from mace.calculators import MACECalculator
 from mace_lpcalc.installed import _convert_backend
 from mace_lpcalc.fastpath.element_skip import ElementSkip, convert_element_skips, elements_in_use
 from mace_lpcalc.fastpath.engine import MACEEngine
-from mace_lpcalc.models import build_tiny_model
+from tiny_models import build_tiny_model
 from mace_lpcalc.systems import water_box
 
 ELEMENTS = (1, 6, 8)

@@ -19,7 +19,7 @@ from ase.stress import voigt_6_to_full_3x3_stress
 from mace.calculators import MACECalculator
 
 from mace_lpcalc.fastpath.engine import MACEEngine
-from mace_lpcalc.models import build_tiny_model
+from tiny_models import build_tiny_model
 from mace_lpcalc.systems import carbon_cluster, diamond, water_box
 
 ELEMENTS = (1, 6, 8)

@@ -140,6 +140,19 @@ def test_certificate_from_a_fresh_rerun(kernel_specs, tmp_path):
     assert (tmp_path / "certificate.png").stat().st_size > 0
 
 
+def test_certificate_plots_the_committed_campaign(kernel_specs, tmp_path):
+    """Without a re-run the notebook reads validation/certificate.json, row for row."""
+    committed = NOTEBOOKS.parent / "validation" / "certificate.json"
+    execute("certificate.ipynb", kernel_specs, OUT_DIR=str(tmp_path))
+    result = json.loads((tmp_path / "certificate_rows.json").read_text())
+    assert Path(result["certificate"]) == committed
+    certificate = json.loads(committed.read_text())
+    expected = {(policy, observable): entry["verdict"]
+                for policy, entries in certificate["policies"].items()
+                for observable, entry in entries.items() if "margin" in entry}
+    assert {(r["policy"], r["observable"]): r["verdict"] for r in result["rows"]} == expected
+
+
 @needs_model
 def test_validate_a_policy_on_a_short_run(kernel_specs, tmp_path):
     notebook = execute("validate_a_policy.ipynb", kernel_specs, OUT_DIR=str(tmp_path), STEPS=6)

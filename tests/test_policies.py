@@ -7,7 +7,7 @@ import torch
 from e3nn import o3
 from mace.tools.cg import O3_e3nn
 
-from mace_lpcalc.models import build_tiny_model
+from tiny_models import build_tiny_model
 from mace_lpcalc.precision.backends import check_single_backend, model_backend
 from mace_lpcalc.precision.casting import IrrepBlockLinear
 from mace_lpcalc.precision.policies import apply_policy, get_policy, strip_policy

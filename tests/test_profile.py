@@ -14,7 +14,7 @@ import torch
 from mace_lpcalc.perf import profile as prof
 from mace_lpcalc.perf import profile_attribution as attribution
 from mace_lpcalc.calculator import LowPrecisionMACECalculator
-from mace_lpcalc.models import build_tiny_model
+from tiny_models import build_tiny_model
 from mace_lpcalc.systems import water_box
 
 STEPS = 2

@@ -16,7 +16,7 @@ from mace_lpcalc.analysis.screening import (Compressibility, ScreenResult,
                                             force_work_drift_bound, isothermal_compressibility,
                                             predicted_density_shift)
 from mace_lpcalc.calculator import LowPrecisionMACECalculator
-from mace_lpcalc.models import build_tiny_model
+from tiny_models import build_tiny_model
 from mace_lpcalc.systems import water_box
 from test_compare import production_start, write_run
 

@@ -13,7 +13,7 @@ from ase import units
 
 from mace_lpcalc import LowPrecisionMACECalculator
 from mace_lpcalc.analysis import compare
-from mace_lpcalc.models import build_tiny_model
+from tiny_models import build_tiny_model
 from mace_lpcalc.md.nvt import NVT, NVTSettings
 from mace_lpcalc.precision.sentinel import SENTINEL_UNITS, deviations
 from mace_lpcalc.systems import water_box

@@ -17,7 +17,8 @@ from mace.tools import AtomicNumberTable
 from mace.tools.torch_geometric.dataloader import DataLoader
 
 from mace_lpcalc import LowPrecisionMACECalculator
-from mace_lpcalc.models import build_tiny_model, load_model, model_elements, model_hash
+from mace_lpcalc.models import load_model, model_elements, model_hash
+from tiny_models import build_tiny_model
 from mace_lpcalc.systems import molecule_ids, water_box
 from mace_lpcalc.training.data import make_split
 from mace_lpcalc.training.metrics import intra_inter_forces

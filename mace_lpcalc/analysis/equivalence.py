@@ -25,7 +25,9 @@ clears the nearer margin edge when t₀.₉₅·s/√k = |δ − |d||, so
 k = (t₀.₉₅·s / |δ − |d||)² and the test group needs (k − 1)·T_test more ps.
 
 The energy-drift test is one-sided and relative to the FP32 group: the policy's drift
-magnitude must not exceed ρ = 1.5 times FP32's (:func:`drift_ratio_test`).
+magnitude must not exceed ρ = 1.5 times FP32's (:func:`drift_ratio_test`), or FP32's
+plus an absolute floor, whichever allows more: FP32's own drift is often zero within its
+error, and 1.5 × zero is a margin nothing could meet.
 
 Margins (:data:`DEFAULT_MARGINS`, overridable from the ``[equivalence]`` table of a TOML
 file, :func:`load_margins`):
@@ -43,6 +45,9 @@ key                            default  compares
 ``energy_drift_ratio``         1.5      conserved-energy drift magnitude, at most this
                                         times the FP32 group's (NVE, NPT; never NVT)
 =============================  =======  ==============================================
+
+and ``energy_drift_floor_meV_atom_ps`` = 0.005: the drift magnitude may always exceed
+FP32's by this much (meV/atom/ps; 5 meV/atom per ns).
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ DEFAULT_MARGINS = {
     "rdf_peak_position_percent": 2.0,
     "diffusion_percent": 10.0,
     "energy_drift_ratio": 1.5,
+    "energy_drift_floor_meV_atom_ps": 0.005,
 }
 #: The TOML table margins are read from.
 MARGINS_TABLE = "equivalence"
@@ -180,8 +186,9 @@ def equivalence_test(test: SeedAverage, reference: SeedAverage, margin: float, *
 
 
 def drift_ratio_test(test: SeedAverage, fp32: SeedAverage, ratio: float, *, unit: str,
-                     aggregate_ps: float) -> Equivalence:
-    """One-sided test that the drift magnitude of ``test`` is at most ``ratio`` × FP32's.
+                     aggregate_ps: float, floor: float = 0.0) -> Equivalence:
+    """One-sided test that the drift magnitude of ``test`` is at most ``ratio`` × FP32's,
+    or FP32's + ``floor`` (in the drifts' unit) where that is larger.
 
     With D the seed-averaged drifts, d = |D_test| − |D_fp32| and δ = (ρ − 1)·|D_fp32|, so
     d < δ is |D_test| < ρ·|D_fp32|. δ is itself uncertain; its error enters s:
@@ -193,7 +200,8 @@ def drift_ratio_test(test: SeedAverage, fp32: SeedAverage, ratio: float, *, unit
     reference_magnitude = abs(fp32.mean)
     stderr, dof = _difference_error(test, fp32, reference_weight=ratio)
     return Equivalence(float(abs(test.mean) - reference_magnitude), float(stderr), dof,
-                       float((ratio - 1.0) * reference_magnitude), unit, float(aggregate_ps),
+                       float(max((ratio - 1.0) * reference_magnitude, floor)), unit,
+                       float(aggregate_ps),
                        test.n_runs, one_sided=True)
 
 

@@ -356,8 +356,10 @@ def _test_equivalence(summary: Summary, by_group: dict[str, list[RunObservables]
                 if drift_reference is None or drift_reference == group \
                         or key not in averages[drift_reference]:
                     continue
-                result = drift_ratio_test(averages[group][key], averages[drift_reference][key],
-                                          margin, unit=key[1], aggregate_ps=aggregate_ps)
+                result = drift_ratio_test(
+                    averages[group][key], averages[drift_reference][key], margin, unit=key[1],
+                    aggregate_ps=aggregate_ps,
+                    floor=summary.margins["energy_drift_floor_meV_atom_ps"])
             elif key in averages[reference]:
                 relative = margin_key not in _ABSOLUTE_MARGIN_UNITS
                 unit, scale = ("%", 1.0) if relative else _ABSOLUTE_MARGIN_UNITS[margin_key]
