@@ -241,6 +241,42 @@ def test_a_killed_workers_task_is_run_again_from_its_checkpoint(cluster, inputs,
     _assert_same_run(spec.out, reference.out)
 
 
+def test_a_deadline_stops_a_task_with_a_checkpoint_and_the_rerun_finishes_it(
+        inputs, tmp_path, monkeypatch):
+    from mace_lpcalc.campaign import task as task_module
+    campaign, ensembles = small_campaign(inputs, tmp_path / "out", policies=["fp64"],
+                                         seeds=[4], runs_per_task=1)
+    ensembles = [{**ensembles[1], "steps": 400, "log_every": 5}]
+    [spec] = expand_grid(load_campaign(campaign_file(tmp_path / "c.toml", campaign, ensembles)))
+    [not_started] = run_task([spec], deadline=time.time() + 1.0)
+    assert not_started["stopped"].startswith("not started") and not Path(spec.out).exists()
+
+    monkeypatch.setattr(task_module, "MIN_TASK_S", 0.1)  # let a short slot start
+    [stopped] = run_task([spec], deadline=time.time() + 0.5)
+    step = Checkpoint.load(checkpoint_path(spec.out)).step
+    assert stopped["stopped"].startswith("max_wall_s") and 0 < step < 400
+    [finished] = run_task([spec])
+    assert finished["stopped"] is None and finished["started_from_step"] == step
+    reference = dataclasses.replace(spec, out=str(tmp_path / "uninterrupted.h5"))
+    run_task([reference])
+    _assert_same_run(spec.out, reference.out)
+
+
+def test_a_campaign_past_its_wall_time_starts_nothing_and_says_so(cluster, inputs, tmp_path):
+    campaign, ensembles = small_campaign(inputs, tmp_path / "out")
+    path = campaign_file(tmp_path / "c.toml", campaign, ensembles)
+    assert cli.main([str(path), "--scheduler-address", cluster.description["address"],
+                     "--max-wall-s", "1"]) == 0
+    record = json.loads((tmp_path / "out" / "campaign.json").read_text())
+    assert (record["tasks_done"], record["tasks_stopped"], record["tasks_failed"]) == (0, 4, 0)
+    assert all(summary["stopped"].startswith("not started")
+               for task in record["tasks"] for summary in task["summaries"])
+    assert "stopped by --max-wall-s, to continue" in (
+        tmp_path / "out" / "campaign.log").read_text()
+    with pytest.raises(SystemExit, match="--max-wall-s must be 0"):
+        cli.main([str(path), "--max-wall-s", "-5"])
+
+
 def test_the_slurm_job_script_carries_the_cluster_table():
     pytest.importorskip("dask_jobqueue")
     cluster = jobqueue_cluster("slurm", {

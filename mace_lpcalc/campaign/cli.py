@@ -3,7 +3,8 @@
 Checks the campaign file, expands its grid into tasks, starts (or joins) a Dask cluster,
 runs the tasks, writes ``OUT/campaign.json`` and compares each ensemble's runs. A bad
 campaign file is reported in one line (``--debug`` shows the traceback). Exit status 0
-when every task and comparison succeeded, 1 otherwise.
+when every task and comparison succeeded (tasks ``--max-wall-s`` stopped included: run
+the campaign again to continue them), 1 otherwise.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "resuming from its checkpoints (default 2)")
     parser.add_argument("--dashboard-address", default=":8787",
                         help="where a cluster started here serves its dashboard")
+    parser.add_argument("--max-wall-s", type=float, default=0.0, metavar="S",
+                        help="end within about S seconds, e.g. before a job slot ends: "
+                             "running runs stop with a checkpoint, tasks not yet started "
+                             "wait; run the campaign again to continue (default 0: no limit)")
     parser.add_argument("--no-compare", action="store_true",
                         help="skip the per-ensemble comparison at the end")
     parser.add_argument("--dry-run", action="store_true",
@@ -59,6 +64,9 @@ def main(argv=None) -> int:
             raise CampaignError(f"--workers must be positive, got {args.workers}")
         if args.retries < 0:
             raise CampaignError(f"--retries must be 0 or more, got {args.retries}")
+        if args.max_wall_s < 0:
+            raise CampaignError(f"--max-wall-s must be 0 (no limit) or positive, got "
+                                f"{args.max_wall_s}")
         campaign = load_campaign(args.campaign)
         specs = expand_grid(campaign)
         tasks = group_tasks(specs, campaign.runs_per_task)
@@ -75,6 +83,8 @@ def main(argv=None) -> int:
 def run_campaign(campaign, specs, tasks, args) -> int:
     """Run the tasks on the cluster ``args`` names; write the record and comparisons."""
     started = time.perf_counter()
+    # Wall-clock seconds since the epoch: workers on other hosts compare it with theirs.
+    deadline = time.time() + args.max_wall_s if args.max_wall_s else None
     campaign.out_dir.mkdir(parents=True, exist_ok=True)
     log = CampaignLog(campaign.out_dir / "campaign.log")
     try:
@@ -87,7 +97,8 @@ def run_campaign(campaign, specs, tasks, args) -> int:
             log(f"campaign {campaign.name}: {len(specs)} run(s) in {len(tasks)} task(s) on "
                 f"{scheduler['scheduler']} scheduler {scheduler['address']}; dashboard: "
                 f"{scheduler['dashboard']}{dashboard_note()}")
-            outcomes = run_tasks(connection.client, tasks, retries=args.retries, log=log)
+            outcomes = run_tasks(connection.client, tasks, retries=args.retries, log=log,
+                                 deadline=deadline)
         finally:
             connection.close()
         record_path = campaign.out_dir / "campaign.json"
@@ -98,12 +109,16 @@ def run_campaign(campaign, specs, tasks, args) -> int:
         wall_time_s = time.perf_counter() - started
         write_record(record_path, campaign, specs, outcomes, scheduler=scheduler,
                      wall_time_s=wall_time_s, comparisons=comparisons)
-        failed = [outcome.task.task_id for outcome in outcomes if outcome.status != "done"]
+        failed = [outcome.task.task_id for outcome in outcomes if outcome.status == "failed"]
+        stopped = [outcome.task.task_id for outcome in outcomes if outcome.status == "stopped"]
         failed_comparisons = [name for name, result in (comparisons or {}).items()
                               if result["exit_code"] not in (0, None)]
-        log(f"campaign {campaign.name}: {len(outcomes) - len(failed)}/{len(outcomes)} tasks "
+        done = len(outcomes) - len(failed) - len(stopped)
+        log(f"campaign {campaign.name}: {done}/{len(outcomes)} tasks "
             f"done in {wall_time_s:.0f} s" + (f"; failed: {', '.join(failed)}" if failed
                                               else "")
+            + (f"; stopped by --max-wall-s, to continue: {', '.join(stopped)}" if stopped
+               else "")
             + (f"; comparison failed: {', '.join(failed_comparisons)}"
                if failed_comparisons else "") + f"; record: {record_path}")
         return 1 if failed or failed_comparisons else 0

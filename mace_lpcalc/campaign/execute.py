@@ -66,29 +66,34 @@ class TaskOutcome:
 
 
 def run_tasks(client: distributed.Client, tasks: list[Task], *, retries: int,
-              log) -> list[TaskOutcome]:
-    """Submit every task, wait for all; their outcomes in the order of ``tasks``."""
+              log, deadline: float | None = None) -> list[TaskOutcome]:
+    """Submit every task, wait for all; their outcomes in the order of ``tasks``. A
+    task's status is ``done``, ``failed``, or ``stopped`` where ``deadline`` (seconds
+    since the epoch) stopped any of its runs before its end."""
     started = time.perf_counter()
     # A fresh key per campaign run: a scheduler that still holds a finished task of an
     # earlier run under the same key would hand back its old result instead of running.
     token = uuid.uuid4().hex[:8]
-    futures = {client.submit(run_task, list(task.specs), key=f"{task.task_id}-{token}",
-                             retries=retries): task
+    futures = {client.submit(run_task, list(task.specs), deadline,
+                             key=f"{task.task_id}-{token}", retries=retries): task
                for task in tasks}
     outcomes: dict[str, TaskOutcome] = {}
     for future in distributed.as_completed(futures):
         task = futures[future]
         elapsed = time.perf_counter() - started
         if future.status == "finished":
-            outcome = TaskOutcome(task, "done", future.result(), None, elapsed)
+            summaries = future.result()
+            stopped = any(summary.get("stopped") for summary in summaries)
+            outcome = TaskOutcome(task, "stopped" if stopped else "done", summaries, None,
+                                  elapsed)
         else:
             outcome = TaskOutcome(task, "failed", [], _error_text(future), elapsed)
         outcomes[task.task_id] = outcome
         failed = sum(item.status == "failed" for item in outcomes.values())
         count = f"{len(outcomes)}/{len(tasks)} tasks done" + (f", {failed} failed"
                                                               if failed else "")
-        if outcome.status == "done":
-            log(f"{task.task_id} ({task.describe()}): done after {elapsed:.0f} s"
+        if outcome.status != "failed":
+            log(f"{task.task_id} ({task.describe()}): {outcome.status} after {elapsed:.0f} s"
                 + _how_runs_started(outcome.summaries) + f"; {count}")
         else:
             log(f"{task.task_id} ({task.describe()}): FAILED after {elapsed:.0f} s: "
@@ -116,7 +121,10 @@ def _error_text(future: distributed.Future) -> str:
 def compare_ensembles(campaign: Campaign, outcomes: list[TaskOutcome], log) -> dict:
     """Run ``python -m mace_lpcalc.analysis.compare`` (in this process) over each
     ensemble's finished runs, into ``OUT/<ensemble>/comparison``; what each gave."""
-    finished = [summary["path"] for outcome in outcomes for summary in outcome.summaries]
+    # Stopped runs are compared too (compare cuts all runs to the shortest); runs never
+    # started have no file.
+    finished = [summary["path"] for outcome in outcomes for summary in outcome.summaries
+                if Path(summary["path"]).is_file()]
     comparisons = {}
     for ensemble in campaign.ensembles:
         folder = campaign.out_dir / ensemble.name
@@ -154,6 +162,7 @@ def write_record(path: Path, campaign: Campaign, specs: list[RunSpec],
         "wall_time_s": wall_time_s,
         "tasks_done": sum(outcome.status == "done" for outcome in outcomes),
         "tasks_failed": sum(outcome.status == "failed" for outcome in outcomes),
+        "tasks_stopped": sum(outcome.status == "stopped" for outcome in outcomes),
         "scheduler": scheduler, "versions": package_versions(),
         "grid": [dataclasses.asdict(spec) for spec in specs],
         "tasks": [outcome.as_dict() for outcome in outcomes],

@@ -14,7 +14,9 @@ Each run picks up where its files say it is:
 The runs of a task that still have steps to go run side by side as batched replicas
 (:func:`mace_lpcalc.md.replicas.run_replicas`: one model call per step for all of them),
 with the sentinel off, since it checks one structure at a time; a lone run runs as the
-protocol's command line would run it.
+protocol's command line would run it. Given the campaign's ``deadline`` (seconds since the
+epoch), the runs stop in time with a checkpoint (``max_wall_s``), and a task that starts
+with less than :data:`MIN_TASK_S` left runs nothing: its runs wait for the next campaign.
 """
 
 from __future__ import annotations
@@ -31,18 +33,29 @@ from mace_lpcalc.md.checkpoint import Checkpoint, checkpoint_path, settings_chan
 from mace_lpcalc.md.replicas import run_replicas
 from mace_lpcalc.md.trajectory import read_trajectory
 
+#: A task with less wall time than this left (s) before the deadline is not started:
+#: building the calculator alone would take much of it.
+MIN_TASK_S = 30.0
 
-def run_task(specs: list[RunSpec]) -> list[dict]:
+
+def run_task(specs: list[RunSpec], deadline: float | None = None) -> list[dict]:
     """Run (resume, or only summarise) the specs, unfinished ones batched; one summary per
     spec: the protocol's summary plus ``ensemble``, ``policy``, ``seed``,
     ``started_from_step`` (0 for a fresh run), ``already_finished`` (nothing ran),
-    ``host`` and ``wall_time_s`` (of the whole task)."""
+    ``host`` and ``wall_time_s`` (of the whole task). A run that ``deadline`` stopped, or
+    did not let start, says so in ``stopped``."""
     started = time.perf_counter()
     prepared = [prepare_spec(spec) for spec in specs]
     pending = [index for index, (_, _, summary) in enumerate(prepared) if summary is None]
-    if pending:
+    left_s = float("inf") if deadline is None else deadline - time.time()
+    if pending and left_s < MIN_TASK_S:
+        for index in pending:
+            prepared[index] = (*prepared[index][:2], _not_started(specs[index], left_s))
+    elif pending:
         protocol_class = PROTOCOLS[specs[pending[0]].protocol]
         settings = [prepared[index][0] for index in pending]
+        if deadline is not None:
+            settings = [dataclasses.replace(each, max_wall_s=left_s) for each in settings]
         if len(settings) == 1:
             summaries = [protocol_class(settings[0]).run()]
         else:
@@ -54,6 +67,13 @@ def run_task(specs: list[RunSpec]) -> list[dict]:
              "started_from_step": start, "already_finished": index not in pending,
              "host": socket.gethostname(), "wall_time_s": time.perf_counter() - started}
             for index, (spec, (_, start, summary)) in enumerate(zip(specs, prepared))]
+
+
+def _not_started(spec: RunSpec, left_s: float) -> dict:
+    return {"protocol": spec.protocol, "path": spec.out, "steps_run": 0,
+            "final_step": None, "ns_per_day": float("nan"),
+            "stopped": f"not started: {max(left_s, 0):.0f} s were left before the "
+                       "campaign's deadline"}
 
 
 def prepare_spec(spec: RunSpec) -> tuple[MDSettings, int, dict | None]:
