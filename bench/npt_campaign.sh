@@ -51,8 +51,9 @@ every() {
     if [ "${PARALLEL:-0}" = 1 ]; then
       run "$protocol" "$settings" "$steps" "$out/$protocol/${protocol}_$policy" "$policy" &
       pids+=($!)
-    else
-      run "$protocol" "$settings" "$steps" "$out/$protocol/${protocol}_$policy" "$policy"
+    else  # inside `every ... ||`, set -e is off: count the failure here
+      run "$protocol" "$settings" "$steps" "$out/$protocol/${protocol}_$policy" "$policy" \
+        || failed=1
     fi
   done
   for pid in "${pids[@]}"; do wait "$pid" || failed=1; done

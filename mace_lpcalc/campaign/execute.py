@@ -27,6 +27,7 @@ from mace_lpcalc.campaign.config import Campaign
 from mace_lpcalc.campaign.grid import RunSpec, Task
 from mace_lpcalc.campaign.task import run_task
 from mace_lpcalc.installed import package_versions
+from mace_lpcalc.md.trajectory import read_trajectory
 
 
 class CampaignLog:
@@ -105,7 +106,7 @@ def run_tasks(client: distributed.Client, tasks: list[Task], *, retries: int,
 def _how_runs_started(summaries: list[dict]) -> str:
     """Which runs resumed from a checkpoint and which were finished before the task."""
     resumed = [f"{Path(s['path']).name} from step {s['started_from_step']}"
-               for s in summaries if s["started_from_step"] and not s["already_finished"]]
+               for s in summaries if s["started_from_step"] and s["steps_run"]]
     finished = sum(s["already_finished"] for s in summaries)
     return ((f", resumed {', '.join(resumed)}" if resumed else "")
             + (f", {finished} run(s) already finished" if finished else ""))
@@ -124,7 +125,7 @@ def compare_ensembles(campaign: Campaign, outcomes: list[TaskOutcome], log) -> d
     # Stopped runs are compared too (compare cuts all runs to the shortest); runs never
     # started have no file.
     finished = [summary["path"] for outcome in outcomes for summary in outcome.summaries
-                if Path(summary["path"]).is_file()]
+                if _has_two_frames(summary["path"])]
     comparisons = {}
     for ensemble in campaign.ensembles:
         folder = campaign.out_dir / ensemble.name
@@ -148,6 +149,12 @@ def compare_ensembles(campaign: Campaign, outcomes: list[TaskOutcome], log) -> d
             "certificate": str(certificate) if certificate.is_file() else None}
         log(f"compare {ensemble.name}: " + ("done" if exit_code == 0 else f"FAILED: {error}"))
     return comparisons
+
+
+def _has_two_frames(path) -> bool:
+    """Whether ``path`` is a trajectory with something to compare (a run stopped before
+    its second logged frame, or never started, is left out)."""
+    return Path(path).is_file() and len(read_trajectory(path, names=("step",))["step"]) >= 2
 
 
 def write_record(path: Path, campaign: Campaign, specs: list[RunSpec],

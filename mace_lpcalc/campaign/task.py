@@ -30,12 +30,15 @@ from mace_lpcalc.campaign.config import PROTOCOLS
 from mace_lpcalc.campaign.grid import RunSpec
 from mace_lpcalc.md.base import MDSettings
 from mace_lpcalc.md.checkpoint import Checkpoint, checkpoint_path, settings_changes
+from mace_lpcalc.md.inputs import build_calculator
 from mace_lpcalc.md.replicas import run_replicas
 from mace_lpcalc.md.trajectory import read_trajectory
 
 #: A task with less wall time than this left (s) before the deadline is not started:
 #: building the calculator alone would take much of it.
 MIN_TASK_S = 30.0
+#: Wall time (s) kept back from the deadline for the last checkpoint and the answer.
+STOP_MARGIN_S = 10.0
 
 
 def run_task(specs: list[RunSpec], deadline: float | None = None) -> list[dict]:
@@ -54,13 +57,17 @@ def run_task(specs: list[RunSpec], deadline: float | None = None) -> list[dict]:
     elif pending:
         protocol_class = PROTOCOLS[specs[pending[0]].protocol]
         settings = [prepared[index][0] for index in pending]
+        if len(settings) > 1:  # the sentinel checks one structure at a time
+            settings = [dataclasses.replace(each, sentinel_every=0) for each in settings]
+        # Built before the wall limit is taken: the batched runs' clocks start after it.
+        calculator = build_calculator(settings[0]) if len(settings) > 1 else None
         if deadline is not None:
-            settings = [dataclasses.replace(each, max_wall_s=left_s) for each in settings]
+            limit_s = max(deadline - time.time() - STOP_MARGIN_S, 1.0)
+            settings = [dataclasses.replace(each, max_wall_s=limit_s) for each in settings]
         if len(settings) == 1:
             summaries = [protocol_class(settings[0]).run()]
         else:
-            summaries = run_replicas(protocol_class, [
-                dataclasses.replace(each, sentinel_every=0) for each in settings])
+            summaries = run_replicas(protocol_class, settings, calculator=calculator)
         for index, summary in zip(pending, summaries):
             prepared[index] = (*prepared[index][:2], summary)
     return [{**summary, "ensemble": spec.ensemble, "policy": spec.policy, "seed": spec.seed,
