@@ -27,6 +27,7 @@ from ase.data import chemical_symbols
 from mace.calculators.mace import MACECalculator
 from mace.tools import torch_tools
 
+from mace_lpcalc.fastpath.disk_caches import use_disk_caches
 from mace_lpcalc.fastpath.engine import DEFAULT_SKIN_A, MACEEngine
 from mace_lpcalc.fastpath.mace_layout import (cell_as_mace_sees_it, check_results,
                                               fast_path_tolerance, largest_deviation,
@@ -100,13 +101,15 @@ class LowPrecisionMACECalculator(ExactStateCheck, ReplicaCalls, PolicyHandover, 
             list is rebuilt.
         use_cuda_graph: ``"auto"`` (on CUDA), True or False; fast path only.
         compile_model: fuse each energy+forces(+stress) call with TorchInductor (fast path
-            only; see :mod:`mace_lpcalc.fastpath.compiled`). Each new system size compiles (tens of
-            seconds on a cold cache, a few on a warm one); results are checked against the
-            eager model, which takes over with a warning if compilation or the check fails.
-            mace's ``compile_mode`` (any value) means ``compile_model=True``.
-        compile_in_background: compile while MD runs on the uncompiled fast path, and
-            switch when ready (``calc.engine.compiled.wait()`` waits for it); False makes
-            the first call at each size compile.
+            only; see :mod:`mace_lpcalc.fastpath.compiled`). ``"auto"``: where the fast path
+            runs on CUDA. Each new system size compiles (tens of seconds on a cold cache, a
+            few on a warm one: the caches are on disk, :mod:`mace_lpcalc.fastpath.disk_caches`);
+            results are checked against the eager model, which takes over with a warning if
+            compilation or the check fails. mace's ``compile_mode`` (any value) means True.
+        compile_in_background: compile while MD runs on the uncompiled fast path (on CUDA
+            the code is generated in a child process), and switch when ready
+            (``calc.engine.compiled.wait()`` waits for it); False makes the first call at
+            each size compile.
         default_dtype: mace's keyword: ``"float64"`` or ``"float32"`` picks the fp64 or
             fp32 policy; it must agree with ``policy`` if both are given.
         pad_num_edges: mace's keyword; on the fast path the smallest edge capacity.
@@ -128,7 +131,7 @@ class LowPrecisionMACECalculator(ExactStateCheck, ReplicaCalls, PolicyHandover, 
     def __init__(self, model_paths=None, models=None, device: str = "cpu",
                  policy=None, backend: str = "auto", fast_path="auto",
                  verify_fast_path: bool = True, skin_A: float = DEFAULT_SKIN_A,
-                 use_cuda_graph="auto", compile_model: bool = False,
+                 use_cuda_graph="auto", compile_model="auto",
                  compile_in_background: bool = True, default_dtype: str = "",
                  enable_cueq: bool = False, compile_mode=None, pad_num_edges: int = 0,
                  max_force_eV_A: float | None = EXPLODING_FORCE_EV_A,
@@ -152,7 +155,11 @@ class LowPrecisionMACECalculator(ExactStateCheck, ReplicaCalls, PolicyHandover, 
             if backend not in ("auto", "cuequivariance"):
                 raise CalculatorSetupError(f"enable_cueq=True contradicts backend={backend!r}")
             backend = "cuequivariance"
-        compile_model = bool(compile_model or compile_mode is not None)
+        if compile_model not in ("auto", True, False):
+            raise CalculatorSetupError(
+                f"compile_model must be 'auto', True or False, got {compile_model!r}")
+        if compile_mode is not None:
+            compile_model = True
         torch_device = torch.device(device)
         if torch_device.type == "cuda" and not torch.cuda.is_available():
             raise CalculatorSetupError(f"device {device!r} requested but CUDA is not available")
@@ -167,6 +174,8 @@ class LowPrecisionMACECalculator(ExactStateCheck, ReplicaCalls, PolicyHandover, 
                 "backend='cuequivariance' on CUDA needs cuequivariance-ops-torch-cu12 or -cu13 "
                 "(pip install 'mace_lpcalc[cuda12]' or '[cuda13]')")
 
+        # Before the first conversion or kernel: the compilers read their cache directories once.
+        self._disk_caches = use_disk_caches(torch_device)
         models = self._load(model_paths) if model_paths is not None else (
             list(models) if isinstance(models, (list, tuple)) else [models])
         # Hash the model as given, before any dtype or backend conversion, so every policy
@@ -192,7 +201,11 @@ class LowPrecisionMACECalculator(ExactStateCheck, ReplicaCalls, PolicyHandover, 
         self._checked_numbers: np.ndarray | None = None
         self._verify_fast_path = bool(verify_fast_path)
         if fast_path == "auto":
-            fast_path = torch_device.type == "cuda" or compile_model
+            fast_path = torch_device.type == "cuda" or compile_model is True
+        compile_required = compile_model is True
+        if compile_model == "auto":  # wherever the fast path runs on a GPU and compiles the outputs
+            compile_model = (bool(fast_path) and torch_device.type == "cuda"
+                             and self.model_type == "MACE" and not self.compute_atomic_stresses)
         self.engines: list[MACEEngine] = []
         status = "off (fast_path=False)"
         if fast_path:
@@ -203,11 +216,11 @@ class LowPrecisionMACECalculator(ExactStateCheck, ReplicaCalls, PolicyHandover, 
                                 for model in self.models]
                 status = "on"
             except ValueError as err:
-                if compile_model:
+                if compile_required:
                     raise CalculatorSetupError(f"compile_model=True needs the fast path, "
                                                f"which cannot evaluate this model: {err}") from None
                 status = self._step_aside(f"the fast path cannot evaluate this model: {err}")
-        if compile_model and not self.engines:
+        if compile_required and not self.engines:
             raise CalculatorSetupError("compile_model=True needs the fast path "
                                        "(fast_path=True or 'auto')")
         self.parameters.update(
@@ -222,6 +235,7 @@ class LowPrecisionMACECalculator(ExactStateCheck, ReplicaCalls, PolicyHandover, 
             skin_A=skin_A if self.engines else None,
             compile_model=bool(compile_model),
             compile_in_background=bool(compile_model and compile_in_background),
+            compile_caches=self._disk_caches,
             versions=package_versions(),
             sentinel=self._sentinel_settings(),
         )

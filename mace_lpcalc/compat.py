@@ -111,6 +111,27 @@ def inductor_compile(graph: torch.fx.GraphModule, example_inputs: list):
     return _inductor().compile(graph, example_inputs)
 
 
+def inductor_cache_hits() -> int:
+    """Compilations inductor has served from its on-disk FX graph cache in this process."""
+    from torch._dynamo.utils import counters  # replaced now and then: looked up each time
+
+    return counters["inductor"]["fxgraph_cache_hit"]
+
+
+def inductor_cache_dir() -> str:
+    """The directory inductor caches in now (resolving, and recording, its default)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return cache_dir()
+
+
+def inductor_default_cache_dir() -> str:
+    """The temporary directory inductor caches in when no variable names one."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    return default_cache_dir()
+
+
 def mace_batch(calculator: MACECalculator, atoms):
     """mace's own graph construction for ``atoms`` (its calculator's ``_atoms_to_batch``)."""
     return calculator._atoms_to_batch(atoms)
@@ -162,6 +183,8 @@ def _resolves_cueq_kernel_fields() -> bool:
 #: Every shim, by name, with a check that it still resolves in the installed versions.
 SHIMS = {
     "torch._inductor.compile": lambda: callable(_inductor().compile),
+    "torch._dynamo.utils.counters (inductor cache hits)": lambda: inductor_cache_hits() >= 0,
+    "torch._inductor cache_dir_utils.default_cache_dir": lambda: bool(inductor_default_cache_dir()),
     "torch._guards.TracingContext/tracing": lambda: callable(tracing) and TracingContext,
     "torch._subclasses.fake_tensor.FakeTensorMode": lambda: FakeTensorMode is not None,
     "torch.fx.experimental make_fx/ShapeEnv": lambda: callable(make_fx) and ShapeEnv,

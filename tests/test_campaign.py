@@ -20,6 +20,7 @@ from mace_lpcalc.campaign.clusters import connect, jobqueue_cluster, start_clust
 from mace_lpcalc.campaign.task import run_task
 from mace_lpcalc.md.checkpoint import Checkpoint, checkpoint_path
 from mace_lpcalc.md.trajectory import read_trajectory
+from mace_lpcalc.perf.dask_campaign import prepare, throughput
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -123,6 +124,21 @@ def test_the_shipped_campaign_and_a_dry_run(monkeypatch, capsys, inputs, tmp_pat
     assert {spec.settings["steps"] for spec in specs if spec.protocol == "nve"} == {10000}
     assert len(group_tasks(specs, shipped.runs_per_task)) == 10
 
+    nve = load_campaign("protocols/campaign_nve_drift.toml")
+    specs = expand_grid(nve)
+    assert len(specs) == 5 * 16 and len(group_tasks(specs, nve.runs_per_task)) == 5
+    assert {(spec.settings["steps"], spec.settings["compile_model"], spec.settings["device"])
+            for spec in specs} == {(2400, "off", "cuda")}
+    # The same campaign adapted for a small slot elsewhere (bench/nve_dask_campaign.sh).
+    adapted = load_campaign(prepare("protocols/campaign_nve_drift.toml", tmp_path / "a.toml",
+                                    out_dir=tmp_path / "small", steps=20, log_every=5,
+                                    device="cpu", policies=["fp64", "fp32"], seeds=[3, 4]))
+    assert adapted.out_dir == tmp_path / "small" and adapted.runs_per_task == 16
+    assert [(spec.policy, spec.seed, spec.settings["steps"], spec.settings["log_every"],
+             spec.settings["device"], spec.settings["compile_model"])
+            for spec in expand_grid(adapted)] == [
+        (policy, seed, 20, 5, "cpu", "off") for policy in ("fp64", "fp32") for seed in (3, 4)]
+
     campaign, ensembles = small_campaign(inputs, tmp_path / "out")
     assert cli.main([str(campaign_file(tmp_path / "c.toml", campaign, ensembles)),
                      "--dry-run"]) == 0
@@ -199,6 +215,40 @@ def test_a_campaign_on_two_workers_equals_the_serial_runs(cluster, inputs, tmp_p
         assert record["comparisons"][ensemble]["exit_code"] == 0
     log = (tmp_path / "out" / "campaign.log").read_text()
     assert "4/4 tasks done" in log and "dashboard: http" in log
+
+    timings = record["timings"]
+    assert 0 < timings["connect_s"] and 0 < timings["compare_s"]
+    assert timings["connect_s"] + timings["tasks_s"] + timings["compare_s"] <= \
+        record["wall_time_s"]
+    measured = throughput(record)
+    assert [(row["policy"], row["replica_steps"]) for row in measured["tasks"]] == [
+        ("fp64", 16), ("fp32", 16), ("fp64", 16), ("fp32", 16)]
+    for row in measured["tasks"]:  # two replicas of 8 steps in each task
+        assert 0 < row["md_s"] < row["task_wall_s"]
+        assert row["replica_steps_per_s"] == pytest.approx(16 / row["md_s"])
+        assert row["ms_per_batched_step"] == pytest.approx(1000 * row["md_s"] / 8)
+    overall = measured["overall"]
+    assert overall["replica_steps"] == 64
+    assert overall["md_s"] == pytest.approx(sum(row["md_s"] for row in measured["tasks"]))
+    assert overall["replica_steps_per_s_tasks"] > overall["replica_steps_per_s_campaign"]
+
+
+def test_one_worker_runs_the_tasks_in_the_campaigns_order(inputs, tmp_path):
+    # Dask runs tasks submitted within its fifo timeout in any order; a campaign on one
+    # GPU relies on its order (which task a deadline cuts short).
+    campaign, ensembles = small_campaign(inputs, tmp_path / "out", runs_per_task=1,
+                                         policies=["fp64", "fp32", "fp32-linear-bf16"])
+    ensembles = [{**ensembles[1], "steps": 2}]
+    path = campaign_file(tmp_path / "c.toml", campaign, ensembles)
+    connection = connect("local", workers=1, dashboard_address=":0")
+    try:
+        assert cli.main([str(path), "--scheduler-address", connection.description["address"],
+                         "--no-compare"]) == 0
+    finally:
+        connection.close()
+    tasks = json.loads((tmp_path / "out" / "campaign.json").read_text())["tasks"]
+    ended = [task["ended_after_s"] for task in tasks]  # in the campaign's order
+    assert ended == sorted(ended), [task["task_id"] for task in tasks]
 
 
 def test_a_killed_workers_task_is_run_again_from_its_checkpoint(cluster, inputs, tmp_path):

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import sys
 
 import h5py
 import mdtraj
@@ -278,6 +279,24 @@ def test_series_in_unexpected_units_are_refused(tmp_path):
         handle["temperature"].attrs["units"] = "celsius"
     with pytest.raises(TrajectoryError, match="'temperature' is in 'celsius', expected 'K'"):
         load_run(path)
+
+
+def test_runs_load_without_pytables_as_mdtraj_load_gives_them(tmp_path, monkeypatch):
+    # mdtraj.load reads HDF5 through PyTables, which the GPU machines lack; the comparison
+    # (in a campaign, on the GPU machine) must not need it.
+    path = write_run(tmp_path / "run.h5", policy="fp64", seed=0, n_molecules=8)
+    expected = mdtraj.load(str(path))
+    monkeypatch.setitem(sys.modules, "tables", None)  # import tables now fails
+    with pytest.raises(ImportError):
+        mdtraj.load(str(path))
+    run = load_run(path)
+    for name in ("xyz", "time", "unitcell_lengths", "unitcell_angles"):
+        np.testing.assert_array_equal(getattr(run.trajectory, name), getattr(expected, name))
+        assert getattr(run.trajectory, name).dtype == getattr(expected, name).dtype
+    assert run.trajectory.topology == expected.topology
+    assert [(residue.name, residue.resSeq) for residue in run.trajectory.topology.residues] \
+        == [(residue.name, residue.resSeq) for residue in expected.topology.residues]
+    assert main([str(path), "--out-dir", str(tmp_path / "out")]) == 0
 
 
 def test_static_deviations_from_the_cli_match_direct_evaluation(tmp_path, capsys):

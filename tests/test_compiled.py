@@ -13,7 +13,7 @@ from ase.calculators.calculator import CalculatorSetupError
 
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from mace_lpcalc.fastpath import compiled
+from mace_lpcalc.fastpath import compiled, traceable
 from mace_lpcalc.calculator import LowPrecisionMACECalculator
 from mace_lpcalc.fastpath.engine import MACEEngine
 from tiny_models import build_tiny_model
@@ -408,7 +408,7 @@ import mace_lpcalc.compat
 import torch
 from e3nn import o3
 from torch.fx.experimental.proxy_tensor import make_fx
-from mace_lpcalc.fastpath import compiled
+from mace_lpcalc.fastpath import compiled, traceable
 # What TorchScript does on CUDA by default: fuse a scripted function once it has run.
 torch._C._jit_override_can_fuse_on_cpu(True)
 torch._C._jit_set_texpr_fuser_enabled(True)
@@ -419,12 +419,12 @@ with torch.no_grad():
     for _ in range(10):
         sh(traced)
     plain = make_fx(sh)(traced)
-    compiled.make_traceable(sh)
-    token = compiled._TRACING.set(True)
-    traceable = make_fx(sh)(traced)
-    compiled._TRACING.reset(token)
+    traceable.make_traceable(sh)
+    token = traceable.TRACING.set(True)
+    python_traced = make_fx(sh)(traced)
+    traceable.TRACING.reset(token)
     print(float((plain(other) - sh(other)).abs().max()),
-          float((traceable(other) - sh(other)).abs().max()))
+          float((python_traced(other) - sh(other)).abs().max()))
 """
 
 
@@ -437,3 +437,19 @@ def test_a_trace_records_fused_script_functions_as_their_operators():
     plain_error, traceable_error = map(float, result.stdout.split())
     assert not plain_error < 1e-3  # the fused function really escapes the trace here
     assert traceable_error < 1e-6
+
+
+def test_a_graph_compiled_before_skips_the_child_process(trace_only, monkeypatch, water,
+                                                        tmp_path):
+    """The first compilation of a graph goes through a child process; a later one (another
+    engine, as a later run would be) loads it from the cache directly."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    children = []
+    monkeypatch.setattr(compiled, "compile_in_child_process",
+                        lambda *arguments: children.append(arguments) or True)
+    for _ in range(2):
+        _, fast = _engines(_model("fp32"))
+        fast.compiled._child_process = True
+        _compute(fast, water)
+        assert fast.compiled.active and fast.compiled.last_call_compiled
+    assert len(children) == 1

@@ -147,10 +147,10 @@ def test_compare_screens_a_pressure_shifted_policy(tmp_path, tiny_model_path, mo
     """End to end: fp32 as itself passes; "fp32-linear-bf16", made fp32 with +ΔP, is caught."""
     shifts_bar = {"fp32": 0.0, "fp32-linear-bf16": 3e5}
 
-    def calculator(*, model_paths, device, policy, backend):
+    def calculator(*, model_paths, device, policy, backend, compile_model):
         base = LowPrecisionMACECalculator(model_paths=model_paths, device=device,
                                           policy="fp64" if policy == "fp64" else "fp32",
-                                          backend=backend)
+                                          backend=backend, compile_model=compile_model)
         return base if policy == "fp64" else PressureShifted(base, shifts_bar[policy])
 
     monkeypatch.setattr(mace_lpcalc.calculator, "LowPrecisionMACECalculator", calculator)

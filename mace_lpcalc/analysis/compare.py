@@ -223,7 +223,7 @@ def _static_deviations(runs: list[Run], groups: dict, starts: dict,
         if key not in calculators:
             calculators[key] = LowPrecisionMACECalculator(
                 model_paths=str(model_path), device=args.device, policy=policy,
-                backend=backend or "auto")
+                backend=backend or "auto", compile_model=False)  # a few frames only
         return calculators[key]
 
     members: dict[str, list[Run]] = defaultdict(list)

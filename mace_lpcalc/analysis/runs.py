@@ -1,9 +1,11 @@
 """One MD run as the analysis sees it: an MDTraj trajectory plus per-frame series in ASE units.
 
 Files are read with :func:`mace_lpcalc.md.trajectory.read_trajectory` (which checks the
-format and drops half-written frames) and, for coordinates and topology, with
-``mdtraj.load``. Coordinates are unwrapped; MDTraj keeps them in nm, everything this
-module hands out is in Å, eV, K, bar, ps and seconds.
+format and drops half-written frames) and :func:`~mace_lpcalc.md.trajectory.read_topology`
+into the ``mdtraj.Trajectory`` that ``mdtraj.load`` would give, without PyTables (which
+``mdtraj.load`` needs for HDF5, and which GPU machines may lack). Coordinates are
+unwrapped; MDTraj keeps them in nm, everything this module hands out is in Å, eV, K, bar,
+ps and seconds.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import mdtraj
 import numpy as np
 from ase import Atoms
 
-from mace_lpcalc.md.trajectory import TrajectoryError, read_trajectory
+from mace_lpcalc.md.trajectory import TrajectoryError, read_topology, read_trajectory
 
 NM_TO_A = 10.0
 
@@ -131,16 +133,17 @@ def load_run(path) -> Run:
                 raise TrajectoryError(f"{path}: series '{name}' is in '{data.units[name]}', "
                                       f"expected '{unit}'")
             series[name] = np.asarray(data[name], dtype=float)
+    topology = read_topology(path)
+    # read_trajectory already cut every dataset to the complete frames (the writer appends
+    # coordinates before 'step', so a killed run may hold one coordinate frame more).
     try:
-        # The writer appends coordinates before 'step', so a killed run may hold one
-        # coordinate frame more than read_trajectory reports complete.
-        trajectory = mdtraj.load(str(path))[:data.n_frames]
-    except Exception as err:  # noqa: BLE001 -- any MDTraj failure means a broken trajectory
+        trajectory = mdtraj.Trajectory(data["coordinates"], topology,
+                                       time=data["time"],
+                                       unitcell_lengths=data.arrays.get("cell_lengths"),
+                                       unitcell_angles=data.arrays.get("cell_angles"))
+    except (KeyError, ValueError) as err:  # a dataset missing, or shapes that do not fit
         raise TrajectoryError(
-            f"{path}: MDTraj cannot read the trajectory ({type(err).__name__}: {err})") from err
-    if trajectory.n_frames != data.n_frames:
-        raise TrajectoryError(f"{path}: {trajectory.n_frames} coordinate frames for "
-                              f"{data.n_frames} logged steps")
+            f"{path}: MDTraj cannot build the trajectory ({type(err).__name__}: {err})") from err
     attrs = data.attrs
     seed = attrs.get("seed")
     return Run(

@@ -87,28 +87,36 @@ def run_campaign(campaign, specs, tasks, args) -> int:
     deadline = time.time() + args.max_wall_s if args.max_wall_s else None
     campaign.out_dir.mkdir(parents=True, exist_ok=True)
     log = CampaignLog(campaign.out_dir / "campaign.log")
+    # Where the wall time goes (the record's "timings"): starting or joining the cluster,
+    # the tasks from submission to the last one's end, and the comparisons.
+    timings = {"max_wall_s": args.max_wall_s or None}
     try:
         connection = connect(args.scheduler or "local", address=args.scheduler_address,
                              workers=args.workers, cluster_options=campaign.cluster,
                              allowed_failures=args.retries,
                              dashboard_address=args.dashboard_address)
         try:
+            timings["connect_s"] = time.perf_counter() - started
             scheduler = connection.description
             log(f"campaign {campaign.name}: {len(specs)} run(s) in {len(tasks)} task(s) on "
                 f"{scheduler['scheduler']} scheduler {scheduler['address']}; dashboard: "
                 f"{scheduler['dashboard']}{dashboard_note()}")
             outcomes = run_tasks(connection.client, tasks, retries=args.retries, log=log,
                                  deadline=deadline)
+            timings["tasks_s"] = time.perf_counter() - started - timings["connect_s"]
         finally:
             connection.close()
         record_path = campaign.out_dir / "campaign.json"
         # Written before comparing, so that a comparison that fails leaves the record.
         write_record(record_path, campaign, specs, outcomes, scheduler=scheduler,
-                     wall_time_s=time.perf_counter() - started, comparisons=None)
+                     wall_time_s=time.perf_counter() - started, comparisons=None,
+                     timings=timings)
+        compare_started = time.perf_counter()
         comparisons = None if args.no_compare else compare_ensembles(campaign, outcomes, log)
+        timings["compare_s"] = time.perf_counter() - compare_started
         wall_time_s = time.perf_counter() - started
         write_record(record_path, campaign, specs, outcomes, scheduler=scheduler,
-                     wall_time_s=wall_time_s, comparisons=comparisons)
+                     wall_time_s=wall_time_s, comparisons=comparisons, timings=timings)
         failed = [outcome.task.task_id for outcome in outcomes if outcome.status == "failed"]
         stopped = [outcome.task.task_id for outcome in outcomes if outcome.status == "stopped"]
         failed_comparisons = [name for name, result in (comparisons or {}).items()

@@ -75,9 +75,11 @@ def run_tasks(client: distributed.Client, tasks: list[Task], *, retries: int,
     # A fresh key per campaign run: a scheduler that still holds a finished task of an
     # earlier run under the same key would hand back its old result instead of running.
     token = uuid.uuid4().hex[:8]
-    futures = {client.submit(run_task, list(task.specs), deadline,
+    # Priorities in the campaign's order: Dask runs tasks submitted at once in any order,
+    # and where workers are fewer than tasks, the order says which a deadline cuts short.
+    futures = {client.submit(run_task, list(task.specs), deadline, priority=-index,
                              key=f"{task.task_id}-{token}", retries=retries): task
-               for task in tasks}
+               for index, task in enumerate(tasks)}
     outcomes: dict[str, TaskOutcome] = {}
     for future in distributed.as_completed(futures):
         task = futures[future]
@@ -159,14 +161,14 @@ def _has_two_frames(path) -> bool:
 
 def write_record(path: Path, campaign: Campaign, specs: list[RunSpec],
                  outcomes: list[TaskOutcome], *, scheduler: dict, wall_time_s: float,
-                 comparisons: dict | None) -> None:
-    """``campaign.json``: the grid, every task's status and summaries, the wall time and
-    the versions of dask and of what the runs depend on."""
+                 comparisons: dict | None, timings: dict | None = None) -> None:
+    """``campaign.json``: the grid, every task's status and summaries, the wall time (and
+    ``timings``: where it went) and the versions of dask and of what the runs depend on."""
     record = {
         "campaign": campaign.name, "campaign_file": str(campaign.path),
         "out_dir": str(campaign.out_dir), "runs_per_task": campaign.runs_per_task,
         "written": datetime.datetime.now().isoformat(timespec="seconds"),
-        "wall_time_s": wall_time_s,
+        "wall_time_s": wall_time_s, "timings": timings or {},
         "tasks_done": sum(outcome.status == "done" for outcome in outcomes),
         "tasks_failed": sum(outcome.status == "failed" for outcome in outcomes),
         "tasks_stopped": sum(outcome.status == "stopped" for outcome in outcomes),

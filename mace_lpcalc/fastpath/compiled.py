@@ -39,18 +39,18 @@ reduced-precision operands, the compiled call may be off by at most
 
 from __future__ import annotations
 
-import contextvars
-import inspect
 import logging
 import sys
 import threading
 import time
-import types
 
 import torch
 
-from mace_lpcalc.compat import (FakeTensorMode, ShapeEnv, TracingContext, inductor_compile,
-                                make_fx, tracing)
+from mace_lpcalc.compat import (FakeTensorMode, ShapeEnv, TracingContext, inductor_cache_hits,
+                                inductor_compile, make_fx, tracing)
+from mace_lpcalc.fastpath.inductor_child import (cache_key_settings, compile_in_child_process,
+                                                compiled_before, remember_compiled)
+from mace_lpcalc.fastpath.traceable import TRACING, make_traceable  # noqa: F401 -- engine's
 
 logger = logging.getLogger(__name__)
 
@@ -103,12 +103,18 @@ class CompiledModelCall:
             accuracies against it (see the module docstring). None: compare with eager.
         background: compile in a worker thread while calls run eagerly (see the module
             docstring); False compiles within the call that needs it.
+        child_process: generate the code in a child process
+            (:mod:`mace_lpcalc.fastpath.inductor_child`), so that a background compilation
+            leaves the interpreter to the calls; this process then loads it from inductor's
+            on-disk cache.
     """
 
-    def __init__(self, eager_call, reference_call=None, background: bool = False):
+    def __init__(self, eager_call, reference_call=None, background: bool = False,
+                 child_process: bool = False):
         self._eager_call = eager_call
         self._reference_call = reference_call
         self._background = background
+        self._child_process = child_process
         #: The background compilation's thread. Not a daemon: a daemon thread still in
         #: torch's code when the interpreter exits aborts the process, so a script ending
         #: while a compilation runs waits for it instead.
@@ -130,6 +136,8 @@ class CompiledModelCall:
         self.setup_seconds = 0.0
         #: Compilations started so far (one per stress flag and size, plus stale ones).
         self.n_compilations = 0
+        #: Of those, how many this process loaded from inductor's on-disk cache.
+        self.n_cache_hits = 0
         #: Relative L2 difference from the eager model per output, at the last check.
         self.check_deviation: dict[str, float] = {}
         #: With a reference call: per output, the (compiled, eager) relative L2 errors
@@ -276,13 +284,24 @@ class CompiledModelCall:
 
         inputs = [batch[key] for key in BATCH_KEYS]
         # Traced on the real inputs: the model's weights become constants of the graph.
-        token = _TRACING.set(True)
+        token = TRACING.set(True)
         try:
             with DEVICE_WORK_LOCK:
                 graph = make_fx(energy_forces)(*inputs)
+                settings = cache_key_settings()  # those the eager call ran under
         finally:
-            _TRACING.reset(token)
-        return compile_graph(graph, inputs)
+            TRACING.reset(token)
+        if not self._child_process:
+            return compile_graph(graph, inputs)
+        # A graph compiled before (in any process) is a cache hit here: a child would only
+        # add its own start (imports: 15-20 s on an H100 machine).
+        if not compiled_before(graph, inputs, settings):
+            compile_in_child_process(graph, inputs, settings)
+        hits = inductor_cache_hits()
+        function = compile_graph(graph, inputs)
+        self.n_cache_hits += inductor_cache_hits() > hits
+        remember_compiled(graph, inputs, settings)
+        return function
 
 
 def compile_graph(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]):
@@ -317,60 +336,6 @@ def _output_names(compute_stress: bool) -> tuple[str, ...]:
 def _capturing(tensor: torch.Tensor) -> bool:
     """Whether a CUDA graph is being captured (then nothing may be copied or compiled)."""
     return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
-#: Set while this thread traces: modules made traceable run their Python forward.
-_TRACING = contextvars.ContextVar("mace_lpcalc_tracing", default=False)
-
-
-def make_traceable(model: torch.nn.Module) -> None:
-    """Let ``model``'s modules run TorchScript functions as Python while this module traces.
-
-    Once a scripted function (e3nn's spherical harmonics, ...) has run a few times on
-    CUDA, TorchScript executes it as fused kernels that bypass the operators make_fx
-    records, and the trace would freeze its outputs at the traced positions. Each
-    submodule whose ``forward`` calls such a function gets, on this instance only, a
-    ``forward`` that, while tracing, runs the same code with the functions' Python
-    originals in place of the scripted ones; everyone else's calls, and this module's
-    outside a trace, run the class's own ``forward``. Nothing in e3nn or mace changes.
-    """
-    for module in model.modules():
-        if "forward" in vars(module) or isinstance(module, torch.jit.ScriptModule):
-            continue  # already made traceable (or given an instance forward by its owner)
-        scripted = inspect.getattr_static(type(module), "forward", None)
-        if not isinstance(scripted, types.FunctionType):
-            continue
-        python = _with_python_script_functions(scripted)
-        if python is not None:
-            module.forward = types.MethodType(_TracingDispatch(scripted, python), module)
-
-
-class _TracingDispatch:
-    """A forward that is ``python`` while tracing and ``scripted`` otherwise."""
-
-    #: Pickled bound to its module, a method is looked up by this name again.
-    __name__ = "forward"
-
-    def __init__(self, scripted, python):
-        self.scripted, self.python = scripted, python
-
-    def __call__(self, module, *args, **kwargs):
-        return (self.python if _TRACING.get() else self.scripted)(module, *args, **kwargs)
-
-
-def _with_python_script_functions(function):
-    """``function`` with the scripted functions it calls replaced by their Python
-    originals (a copy with its own globals), or None if it calls none."""
-    code, replacements = function.__code__, {}
-    for name in code.co_names:
-        value = function.__globals__.get(name)
-        original = getattr(value, "_torchdynamo_inline", None)
-        if isinstance(value, torch.jit.ScriptFunction) and callable(original):
-            replacements[name] = original
-    if not replacements:
-        return None
-    return types.FunctionType(code, {**function.__globals__, **replacements},
-                              function.__name__, function.__defaults__, function.__closure__)
 
 
 def capture_cuda_graph(evaluate, device: torch.device, warmup_calls: int) -> torch.cuda.CUDAGraph:

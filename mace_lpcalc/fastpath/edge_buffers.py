@@ -48,11 +48,15 @@ class EdgeBuffers:
         headroom: edge capacity as a multiple of the in-cutoff count that first needs it.
         regrowth_headroom: the same once that count has outgrown a capacity.
         min_capacity: the smallest edge capacity.
+        capacity_ladder: capacities only on a geometric ladder of this ratio (e.g. 1.05):
+            compiled code is specialised to its capacity, and a ladder makes a later run
+            of the same system land on capacities its on-disk cache holds. None: any
+            multiple of 64.
     """
 
     def __init__(self, *, n_atoms: int, r_max: float, dtype: torch.dtype, device: torch.device,
                  headroom: float, regrowth_headroom: float, min_capacity: int,
-                 n_graphs: int = 1):
+                 n_graphs: int = 1, capacity_ladder: float | None = None):
         self.n_atoms = n_atoms
         self.n_graphs = n_graphs
         self.r_max = r_max
@@ -61,6 +65,7 @@ class EdgeBuffers:
         self.headroom = headroom
         self.regrowth_headroom = regrowth_headroom
         self.min_capacity = min_capacity
+        self.capacity_ladder = capacity_ladder
         #: Model edge slots (in-cutoff edges plus padding); 0 until the first allocation.
         self.capacity = 0
         self.candidate_capacity = 0
@@ -95,6 +100,8 @@ class EdgeBuffers:
         """Model edge buffers for ``n_edges`` in-cutoff edges plus headroom (and a dump slot)."""
         headroom = self.regrowth_headroom if self.capacity else self.headroom
         capacity = _round_up(max(n_edges * headroom, self.min_capacity))
+        if self.capacity_ladder is not None:
+            capacity = ladder_rung(capacity, self.capacity_ladder)
         device = self.device
         self.edge_index = torch.empty((2, capacity), dtype=torch.int64, device=device)
         self.unit_shifts = torch.empty((capacity, 3), dtype=self.dtype, device=device)
@@ -162,6 +169,16 @@ def shifts_in_cells(unit_shifts: torch.Tensor, cells: torch.Tensor,
     if cells.shape[0] == 1:
         return unit_shifts @ cells[0]
     return torch.bmm(unit_shifts.unsqueeze(1), cells.index_select(0, edge_graph)).squeeze(1)
+
+
+def ladder_rung(count: int, ratio: float) -> int:
+    """The smallest capacity of the ladder ``_round_up(64 ratio^k)`` that holds ``count``."""
+    # From just below the rung the logarithm names: rounding up to multiples of 64 can
+    # make a lower rung large enough.
+    rung = max(0, math.floor(math.log(max(count, 1) / _EDGE_CAPACITY_MULTIPLE, ratio)) - 2)
+    while _round_up(_EDGE_CAPACITY_MULTIPLE * ratio ** rung) < count:
+        rung += 1
+    return _round_up(_EDGE_CAPACITY_MULTIPLE * ratio ** rung)
 
 
 def _round_up(count: float) -> int:

@@ -21,10 +21,9 @@ inside the cutoff, while vesin runs only every few steps instead of at every ste
 The model's element-dependent skip connections are evaluated for the elements present
 only (:mod:`mace_lpcalc.fastpath.element_skip`), which MACEEngine converts them to in place.
 
-With ``compile_model`` the model call is traced, backward pass included, and fused by
-TorchInductor (:mod:`mace_lpcalc.fastpath.compiled`), by default in a background thread while
-the CUDA graph of the eager call keeps MD going; once the compiled call is ready and
-checked, the graph is captured again around it.
+With ``compile_model`` the model call is traced and fused by TorchInductor
+(:mod:`mace_lpcalc.fastpath.compiled`) in the background while the CUDA graph of the eager
+call keeps MD going; once it is ready and checked, the graph is captured around it.
 
 The model is called exactly as mace's calculator calls it, on a batch dictionary built
 from persistent tensors (:mod:`mace_lpcalc.fastpath.model_batch`): the system's graph (or
@@ -72,8 +71,9 @@ logger = logging.getLogger(__name__)
 #: for water at 300 K and 1 fs (per-step times of skins 0.5-2 Å are within 5% of each
 #: other, bench/results/h200_skins_648-5184.json).
 DEFAULT_SKIN_A = 1.0
-#: Edge headroom after the in-cutoff count outgrew the capacity, with a compiled call.
-_COMPILED_REGROWTH_HEADROOM = 1.12
+#: With a compiled call: edge headroom after the in-cutoff count outgrew the capacity,
+#: and the ratio of the capacity ladder (a later run lands on capacities its cache holds).
+_COMPILED_REGROWTH_HEADROOM, _COMPILED_CAPACITY_LADDER = 1.12, 1.05
 #: Eager calls on a side stream before capture (PyTorch needs at least one to set up
 #: autograd's and the libraries' lazy state outside the capture).
 _WARMUP_CALLS = 2
@@ -101,8 +101,8 @@ class MACEEngine:
         compile_model: evaluate through :class:`mace_lpcalc.fastpath.compiled.CompiledModelCall`
             (forward and backward fused by TorchInductor; falls back to the eager model,
             with a warning, where compilation or its check fails).
-        compile_in_background: compile in a worker thread while calls run the eager
-            model; False compiles within the first call.
+        compile_in_background: compile in a worker thread (on CUDA, with a child process)
+            while calls run the eager model; False compiles within the first call.
         reference_model: with ``compile_model`` and 16-bit operands: the model without
             them, against which the compiled call's accuracy is checked.
     """
@@ -158,8 +158,10 @@ class MACEEngine:
                     reference_model, cast_floats(batch, float_dtype(reference_model)),
                     compute_stress)
             make_traceable(self.model)
-            self.compiled = CompiledModelCall(self._eager_model_call, reference_call,
-                                              background=compile_in_background)
+            # A child process generates the code on CUDA (on a CPU it would take the calls' cores).
+            self.compiled = CompiledModelCall(
+                self._eager_model_call, reference_call, background=compile_in_background,
+                child_process=compile_in_background and self.device.type == "cuda")
         #: Number of CUDA graphs captured so far (each capture costs a few model calls).
         self.n_graph_captures = 0
         self._capture_failed: set[bool] = set()
@@ -343,16 +345,14 @@ class MACEEngine:
         self._last_charges = None
         self._n_atoms, self._n_replicas = n_atoms, n_replicas
         self._numbers = None
-        # A compiled call, whose re-compilation costs tens of seconds, gets more room
-        # once the system proves to be still changing (a lattice start disorders, a box
-        # shrinks).
-        regrowth_headroom = (max(self.edge_headroom, _COMPILED_REGROWTH_HEADROOM)
-                             if self.compiled is not None else self.edge_headroom)
-        self._edges = EdgeBuffers(n_atoms=n_replicas * n_atoms, n_graphs=n_replicas,
-                                  r_max=self.r_max, dtype=dtype, device=device,
-                                  headroom=self.edge_headroom,
-                                  regrowth_headroom=regrowth_headroom,
-                                  min_capacity=self.min_edge_capacity)
+        # A compiled call, whose re-compilation costs tens of seconds, gets more room once
+        # the system proves to be still changing (a lattice start disorders, a box shrinks).
+        compiled = self.compiled is not None
+        self._edges = EdgeBuffers(
+            n_atoms=n_replicas * n_atoms, n_graphs=n_replicas, r_max=self.r_max, dtype=dtype,
+            device=device, headroom=self.edge_headroom, min_capacity=self.min_edge_capacity,
+            regrowth_headroom=max(self.edge_headroom, _COMPILED_REGROWTH_HEADROOM * compiled),
+            capacity_ladder=_COMPILED_CAPACITY_LADDER if compiled else None)
         self.neighbors.invalidate()
         self._drop_graphs()
 

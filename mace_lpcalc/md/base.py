@@ -85,9 +85,9 @@ class MDSettings:
                                         "so that repeated and resumed runs agree bit for bit "
                                         "(with several threads, fp32 sums otherwise differ "
                                         "in the last bits); no effect on a GPU")
-    compile_model: bool = setting(False, "fuse the model call with TorchInductor, compiled "
-                                         "in the background while MD runs uncompiled; "
-                                         "checked against the uncompiled model")
+    compile_model: str = setting("auto", "fuse the model call with TorchInductor while MD "
+                                         "runs uncompiled, checked against it; auto: on CUDA",
+                                 choices=("auto", "on", "off"))
     steps: int = setting(1000, "total number of MD steps")
     timestep_fs: float = setting(1.0, "time step (fs)", flags=("--dt",))
     temperature_K: float = setting(300.0, "target temperature; also sets the Maxwell-"
@@ -123,8 +123,7 @@ class MDSettings:
     RESUMABLE_CHANGES: ClassVar[frozenset] = frozenset(
         {"structure", "model", "device", "deterministic", "compile_model", "steps",
          "checkpoint_every", "checkpoint_every_s", "max_wall_s", "progress_every_s",
-         "sentinel_every",
-         "sentinel_force_budget_eV_A", "sentinel_action", "sentinel_fallback_policy", "out",
+         "sentinel_every", "sentinel_force_budget_eV_A", "sentinel_action", "sentinel_fallback_policy", "out",
          "overwrite", "resume"})
 
     def __post_init__(self):
@@ -137,18 +136,19 @@ class MDSettings:
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
         if self.sentinel_every < 0:
-            raise ValueError(f"sentinel_every must be 0 (off) or positive, got "
-                             f"{self.sentinel_every}")
+            raise ValueError(f"sentinel_every must be 0 (off) or positive, got {self.sentinel_every}")
         if not self.sentinel_force_budget_eV_A > 0:
-            raise ValueError(f"sentinel_force_budget_eV_A must be positive, got "
-                             f"{self.sentinel_force_budget_eV_A}")
+            raise ValueError(f"sentinel_force_budget_eV_A must be positive, got {self.sentinel_force_budget_eV_A}")
         if self.steps < 0:
             raise ValueError(f"steps must be non-negative, got {self.steps}")
         if self.max_wall_s < 0:
-            raise ValueError(f"max_wall_s must be 0 (no limit) or positive, got "
-                             f"{self.max_wall_s}")
+            raise ValueError(f"max_wall_s must be 0 (no limit) or positive, got {self.max_wall_s}")
         if self.temperature_K < 0:
             raise ValueError(f"temperature_K must be non-negative, got {self.temperature_K}")
+        if isinstance(self.compile_model, bool):  # as runs before "auto" recorded it
+            self.compile_model = "on" if self.compile_model else "off"
+        if self.compile_model not in ("auto", "on", "off"):
+            raise ValueError(f"compile_model must be auto, on or off, got {self.compile_model!r}")
         if self.overwrite and self.resume:
             raise ValueError("overwrite and resume exclude each other")
 

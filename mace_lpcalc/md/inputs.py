@@ -44,7 +44,7 @@ def read_structure(path) -> Atoms:
 def build_calculator(settings: MDSettings) -> LowPrecisionMACECalculator:
     """The MACE calculator a run uses; prints which model it loaded."""
     common = {"device": settings.device, "policy": settings.policy,
-              "backend": settings.backend, "compile_model": settings.compile_model,
+              "backend": settings.backend, "compile_model": {"on": True, "off": False}.get(settings.compile_model, "auto"),
               "max_force_eV_A": settings.max_force_eV_A,
               "auto_force_budget_eV_A": settings.auto_force_budget_eV_A,
               "sentinel_every": settings.sentinel_every,

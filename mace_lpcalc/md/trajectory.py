@@ -1,12 +1,11 @@
 """The MD trajectory file: MDTraj's HDF5 layout plus the thermodynamic time series.
 
-One run writes one file that ``mdtraj.load("run.h5")`` opens as a trajectory (MDTraj
-reads it through PyTables: ``pip install tables``). The layout follows MDTraj's HDF5
-format ("Pande" conventions 1.1): ``coordinates`` (frames × atoms × 3, float32 nm),
-``time`` (ps), ``cell_lengths`` (nm), ``cell_angles`` (degrees) and a JSON ``topology``
-in which each bonded molecule is one residue (:mod:`.topology`). Alongside, every
-logged frame stores the float64 series below, each dataset carrying a ``units``
-attribute (``temperature`` says ``kelvin`` because MDTraj parses that attribute):
+One run writes one file that ``mdtraj.load("run.h5")`` opens (through PyTables; the
+readers here need only h5py), in MDTraj's HDF5 layout ("Pande" conventions 1.1):
+``coordinates`` (frames × atoms × 3, float32 nm), ``time`` (ps), ``cell_lengths`` (nm),
+``cell_angles`` (degrees) and a JSON ``topology``, each bonded molecule one residue
+(:mod:`.topology`; :func:`read_topology`). Alongside, every logged frame stores the float64
+series below, each with a ``units`` attribute (``kelvin``: MDTraj parses it):
 
 ========================  ==========  ================================================
 dataset                   units       meaning
@@ -50,6 +49,7 @@ What a frame holds before it is written, and what reading returns, is :mod:`.fra
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -63,7 +63,7 @@ from mdtraj.formats.hdf5 import HDF5TrajectoryFile
 
 from mace_lpcalc import __version__
 from mace_lpcalc.md.frames import Frame, TrajectoryData, is_periodic
-from mace_lpcalc.md.topology import mdtraj_topology
+from mace_lpcalc.md.topology import mdtraj_topology, topology_from_dict
 from mace_lpcalc.units import density_g_cm3
 from mace_lpcalc.precision.sentinel import SENTINEL_UNITS
 
@@ -72,14 +72,9 @@ FORMAT_VERSION = 1
 
 #: Units attribute of every per-frame dataset.
 UNITS = {
-    "coordinates": "nanometers",
-    "time": "picoseconds",
-    "cell_lengths": "nanometers",
-    "cell_angles": "degrees",
-    "step": "dimensionless",
-    "potential_energy": "eV",
-    "kinetic_energy": "eV",
-    "total_energy": "eV",
+    "coordinates": "nanometers", "time": "picoseconds", "cell_lengths": "nanometers",
+    "cell_angles": "degrees", "step": "dimensionless",
+    "potential_energy": "eV", "kinetic_energy": "eV", "total_energy": "eV",
     "conserved_energy": "eV",
     "temperature": "kelvin",
     "pressure": "bar",
@@ -373,13 +368,7 @@ def read_trajectory(path, names=None) -> TrajectoryData:
     Frames a killed writer left half-appended are not returned.
     """
     path = Path(path)
-    _check_readable(path)
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as err:
-        raise TrajectoryError(f"{path} is a corrupt HDF5 file ({err})") from err
-    with handle:
-        _check_format(path, handle)
+    with _open_checked(path) as handle:
         n_frames = handle["step"].shape[0]
         arrays, file_units = {}, {}
         for name in UNITS if names is None else names:
@@ -399,6 +388,27 @@ def read_trajectory(path, names=None) -> TrajectoryData:
         return TrajectoryData(path=path, attrs=attrs, arrays=arrays, units=file_units,
                               sentinel=sentinel,
                               masses=handle["masses"][:])
+
+
+def read_topology(path):
+    """The MDTraj topology of a trajectory file, read with h5py (no PyTables needed)."""
+    with _open_checked(Path(path)) as handle:
+        raw = handle["topology"][0]
+    return topology_from_dict(json.loads(raw.decode() if isinstance(raw, bytes) else raw))
+
+
+def _open_checked(path: Path) -> h5py.File:
+    """The file open for reading, once it proved to be a readable trajectory."""
+    _check_readable(path)
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as err:
+        raise TrajectoryError(f"{path} is a corrupt HDF5 file ({err})") from err
+    with contextlib.ExitStack() as on_error:
+        on_error.callback(handle.close)
+        _check_format(path, handle)
+        on_error.pop_all()
+    return handle
 
 
 def _decoded(value):

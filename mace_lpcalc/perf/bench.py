@@ -118,7 +118,8 @@ def run_benchmark(*, model_spec: str, device: str, sizes: list[int], policies: l
         # atoms of an OFF24(M)-sized model, fp64 e3nn on both paths fills an H200).
         reference = LowPrecisionMACECalculator(models=make_model(model_spec), device=device,
                                                policy="fp64", backend="e3nn",
-                                               use_cuda_graph=False, verify_fast_path=False)
+                                               use_cuda_graph=False, verify_fast_path=False,
+                                               compile_model=False)
         reference.calculate(atoms, ["energy", "forces"], all_changes)
         energy64, forces64 = reference.results["energy"], reference.results["forces"].copy()
         del reference
@@ -136,7 +137,7 @@ def run_benchmark(*, model_spec: str, device: str, sizes: list[int], policies: l
                     for compiled in compile_modes:
                         suffix = (f"-skin{skin:g}" if len(skins) > 1 else "") + (
                             "-compiled" if compiled else "")
-                        options = {"compile_model": True} if compiled else {}
+                        options = {"compile_model": compiled}
                         if skin is not None:
                             options["skin_A"] = skin
                         configurations.append((
@@ -243,7 +244,8 @@ def largest_water_box(*, model_spec: str, device: str, sizes: list[int], policie
             row = {"policy": policy, "backend": backend, "n_atoms": len(atoms)}
             try:
                 calc = LowPrecisionMACECalculator(models=make_model(model_spec), device=device,
-                                                  policy=policy, backend=backend)
+                                                  policy=policy, backend=backend,
+                                                  compile_model=False)
                 row["energy_forces_ms"] = median_ms(energy_forces_call(calc, atoms), device,
                                                     warmup=1, repeats=3)
                 row["fits"] = True

@@ -1,0 +1,157 @@
+"""What makes a second run start at full speed: on-disk caches, capacities a later run
+meets again, and code generated in a child process and loaded from the cache."""
+
+import logging
+
+import mace  # noqa: F401  -- before e3nn
+import pytest
+import torch
+from ase.calculators.calculator import CalculatorSetupError
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from mace_lpcalc.calculator import LowPrecisionMACECalculator
+from mace_lpcalc.compat import inductor_cache_hits
+from mace_lpcalc.fastpath import disk_caches
+from mace_lpcalc.fastpath.compiled import compile_graph
+from mace_lpcalc.fastpath.edge_buffers import EdgeBuffers, ladder_rung
+from mace_lpcalc.fastpath.inductor_child import (cache_key_settings, compile_in_child_process,
+                                                compiled_before, remember_compiled)
+from mace_lpcalc.md.nve import NVESettings
+from tiny_models import build_tiny_model
+
+
+@pytest.fixture
+def clean_cache_variables(monkeypatch, tmp_path):
+    for variable in (disk_caches.CACHE_ROOT_VARIABLE, "XDG_CACHE_HOME",
+                     *disk_caches.LIBRARY_CACHE_VARIABLES):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return tmp_path
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+
+
+def test_cache_root_follows_the_variables_in_order(clean_cache_variables, monkeypatch):
+    home = clean_cache_variables / "home"
+    assert disk_caches.cache_root() == home / ".cache" / "mace_lpcalc"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(clean_cache_variables / "xdg"))
+    assert disk_caches.cache_root() == clean_cache_variables / "xdg" / "mace_lpcalc"
+    monkeypatch.setenv(disk_caches.CACHE_ROOT_VARIABLE, str(clean_cache_variables / "mine"))
+    assert disk_caches.cache_root() == clean_cache_variables / "mine"
+
+
+def test_gpu_caches_go_under_one_versioned_directory_per_gpu(clean_cache_variables, fake_gpu):
+    """Both compilers' variables are set, below the GPU model and the versions."""
+    directories = disk_caches.use_disk_caches("cuda")
+    expected = (disk_caches.cache_root() / "NVIDIA-H200-sm90"
+                / f"torch-{torch.__version__}_cueq-{disk_caches._cuequivariance_ops_version()}")
+    assert directories == {"TORCHINDUCTOR_CACHE_DIR": str(expected / "inductor"),
+                           "CUEQUIVARIANCE_OPS_NVRTC_CACHE_DIR":
+                               str(expected / "cuequivariance_nvrtc")}
+    assert all(disk_caches.Path(path).is_dir() for path in directories.values())
+
+
+def test_a_cache_directory_the_user_chose_is_kept(clean_cache_variables, fake_gpu, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(clean_cache_variables / "own"))
+    directories = disk_caches.use_disk_caches("cuda:0")
+    assert directories["TORCHINDUCTOR_CACHE_DIR"] == str(clean_cache_variables / "own")
+    assert "mace_lpcalc" in directories["CUEQUIVARIANCE_OPS_NVRTC_CACHE_DIR"]
+
+
+def test_nothing_is_set_for_the_cpu(clean_cache_variables):
+    assert disk_caches.use_disk_caches("cpu") == {}
+    assert not (clean_cache_variables / "home").exists()
+
+
+@pytest.mark.parametrize("count", [1, 63, 64, 65, 5000, 123_457, 4_700_000])
+def test_a_ladder_capacity_holds_the_count_and_wastes_at_most_a_rung(count):
+    capacity = ladder_rung(count, 1.05)
+    assert capacity >= count and capacity % 64 == 0
+    assert capacity <= max(1.05 * count + 64, 128)
+    assert ladder_rung(capacity, 1.05) == capacity  # a rung maps to itself
+
+
+def test_edge_counts_a_few_percent_apart_share_a_compiled_capacity():
+    """Two runs of one system whose counts differ slightly meet the same capacity, where
+    a capacity proportional to the count would differ (and compile again)."""
+    def capacity(n_edges, ladder):
+        buffers = EdgeBuffers(n_atoms=10, r_max=5.0, dtype=torch.float32,
+                              device=torch.device("cpu"), headroom=1.05,
+                              regrowth_headroom=1.12, min_capacity=0, capacity_ladder=ladder)
+        buffers.grow(n_edges)
+        return buffers.capacity
+    counts = range(100_000, 101_000, 50)
+    assert len({capacity(n, 1.05) for n in counts}) == 1
+    assert len({capacity(n, None) for n in counts}) > 10
+
+
+def _sine_graph(weights):
+    return make_fx(lambda x: ((x * weights).sin().cumsum(0),))(torch.randn(9, dtype=torch.float64))
+
+
+def test_code_generated_in_a_child_process_is_loaded_from_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    weights = torch.randn(9, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    graph, inputs = _sine_graph(weights), [torch.randn(9, dtype=torch.float64)]
+    assert compile_in_child_process(graph, inputs)
+    hits = inductor_cache_hits()
+    (value,) = compile_graph(graph, inputs)(*inputs)
+    assert inductor_cache_hits() == hits + 1
+    torch.testing.assert_close(value, (inputs[0] * weights).sin().cumsum(0), rtol=0, atol=1e-14)
+
+
+def test_a_failing_child_process_is_reported_not_raised(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    weights = torch.ones(9, dtype=torch.float64)
+    broken = dict(cache_key_settings(), num_threads=0)  # torch refuses 0 threads
+    with caplog.at_level(logging.INFO, logger="mace_lpcalc.fastpath.inductor_child"):
+        assert not compile_in_child_process(_sine_graph(weights), [weights], broken)
+    assert "compiling in a child process failed (exit 1)" in caplog.text
+
+
+def test_compilation_is_automatic_on_cuda_only_and_named_values_only():
+    calc = LowPrecisionMACECalculator(models=build_tiny_model((1, 8)), device="cpu")
+    assert calc.parameters["compile_model"] is False
+    assert calc.parameters["compile_caches"] == {}
+    with pytest.raises(CalculatorSetupError, match="compile_model must be 'auto', True or False"):
+        LowPrecisionMACECalculator(models=build_tiny_model((1, 8)), compile_model="yes")
+
+
+def test_protocol_settings_name_the_compilation_mode():
+    assert NVESettings().compile_model == "auto"
+    assert NVESettings(compile_model=True).compile_model == "on"  # runs recorded before "auto"
+    with pytest.raises(ValueError, match="compile_model must be auto, on or off"):
+        NVESettings(compile_model="sometimes")
+
+
+def test_cold_start_analysis_finds_the_switch_and_the_stalls():
+    """Steps of 10 ms uncompiled (one of 50 ms), then 5 ms compiled (one of 11 ms)."""
+    from mace_lpcalc.perf.cold_start import analyse
+    times = [30.0] + [10.0] * 9 + [50.0] + [10.0] * 5 + [5.0] * 10 + [11.0] + [5.0] * 5
+    steps, clock = [], 100.0
+    for index, ms in enumerate(times):
+        clock += ms / 1e3
+        steps.append({"end": clock, "ms": ms, "compiled": index >= 16})
+    result = analyse(steps, spawned=90.0)
+    assert result["first_step_s"] == pytest.approx(10.03)
+    assert result["compiled_from_s"] == pytest.approx(steps[16]["end"] - 90.0)
+    assert result["uncompiled"]["median_ms"] == 10.0 and result["uncompiled"]["stalls"] == 1
+    assert result["compiled"]["median_ms"] == 5.0 and result["compiled"]["stall_ms"] == [11.0]
+
+
+def test_a_graph_compiled_before_is_recognised_by_graph_shapes_and_settings(monkeypatch,
+                                                                              tmp_path):
+    """The marker that lets a later process skip the child: same graph code, shapes and
+    settings; another shape or setting is a new compilation."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    weights = torch.ones(9, dtype=torch.float64)
+    graph, inputs, settings = _sine_graph(weights), [weights], cache_key_settings()
+    assert not compiled_before(graph, inputs, settings)
+    remember_compiled(graph, inputs, settings)
+    assert compiled_before(_sine_graph(2 * weights), inputs, settings)  # values: not in the key
+    assert not compiled_before(graph, [torch.ones(10, dtype=torch.float64)], settings)
+    assert not compiled_before(graph, inputs, dict(settings, default_dtype=torch.float16))
