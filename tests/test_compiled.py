@@ -4,6 +4,7 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 
 import mace  # noqa: F401  -- before e3nn
 import numpy as np
@@ -453,3 +454,33 @@ def test_a_graph_compiled_before_skips_the_child_process(trace_only, monkeypatch
         _compute(fast, water)
         assert fast.compiled.active and fast.compiled.last_call_compiled
     assert len(children) == 1
+
+
+def test_traces_and_compilations_of_two_engines_never_overlap(monkeypatch, water):
+    """torch.fx traces through process-wide state: two calculators compiling in the
+    background at once must take turns (on an H100 they broke each other's traces)."""
+    running, most, counting = [0], [0], threading.Lock()
+
+    def one_at_a_time(function):
+        def run(*arguments):
+            with counting:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            time.sleep(0.2)
+            try:
+                return function(*arguments)
+            finally:
+                with counting:
+                    running[0] -= 1
+        return run
+    real_make_fx = compiled.make_fx
+    monkeypatch.setattr(compiled, "make_fx", lambda function: one_at_a_time(real_make_fx(function)))
+    monkeypatch.setattr(compiled, "compile_graph", one_at_a_time(lambda graph, inputs: graph))
+    engines = [_engines(_model("fp32"), compile_in_background=True)[1] for _ in range(2)]
+    threads = [threading.Thread(target=_compute, args=(engine, water)) for engine in engines]
+    for thread in threads:
+        thread.start()
+    for thread, engine in zip(threads, engines):
+        thread.join()
+        assert engine.compiled.wait(timeout_s=60) and engine.compiled.active
+    assert most[0] == 1

@@ -88,6 +88,11 @@ def shorten_switch_interval_of_this_process() -> None:
 #: Python or library state depends on it: what a call changes (gathers, element set,
 #: tracing) is the calling thread's own, in context variables.
 DEVICE_WORK_LOCK = threading.RLock()
+#: Held while this process traces (make_fx here, AOTAutograd inside inductor): torch.fx
+#: patches functions through one process-wide patcher, and two threads tracing at once
+#: break each other ("CURRENT_PATCHER is None", two calculators compiling on an H100).
+#: Taken after DEVICE_WORK_LOCK where both are held, never before it.
+TRACING_LOCK = threading.Lock()
 
 
 class CompiledModelCall:
@@ -286,20 +291,22 @@ class CompiledModelCall:
         # Traced on the real inputs: the model's weights become constants of the graph.
         token = TRACING.set(True)
         try:
-            with DEVICE_WORK_LOCK:
+            with DEVICE_WORK_LOCK, TRACING_LOCK:
                 graph = make_fx(energy_forces)(*inputs)
                 settings = cache_key_settings()  # those the eager call ran under
         finally:
             TRACING.reset(token)
         if not self._child_process:
-            return compile_graph(graph, inputs)
+            with TRACING_LOCK:
+                return compile_graph(graph, inputs)
         # A graph compiled before (in any process) is a cache hit here: a child would only
         # add its own start (imports: 15-20 s on an H100 machine).
         if not compiled_before(graph, inputs, settings):
             compile_in_child_process(graph, inputs, settings)
-        hits = inductor_cache_hits()
-        function = compile_graph(graph, inputs)
-        self.n_cache_hits += inductor_cache_hits() > hits
+        with TRACING_LOCK:
+            hits = inductor_cache_hits()
+            function = compile_graph(graph, inputs)
+            self.n_cache_hits += inductor_cache_hits() > hits
         remember_compiled(graph, inputs, settings)
         return function
 
