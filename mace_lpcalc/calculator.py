@@ -334,16 +334,19 @@ class LowPrecisionMACECalculator(ExactStateCheck, ReplicaCalls, PolicyHandover, 
                 torch_tools.default_dtype(self.policy.model_dtype):
             yield
 
-    def _sibling(self, policy: str) -> LowPrecisionMACECalculator:
+    def _sibling(self, policy: str, compile_model=None) -> LowPrecisionMACECalculator:
         """A calculator of the same model under ``policy``: fp64 is the reference, on
-        mace's path and e3nn, built once and kept; any other runs as this one would."""
+        mace's path and e3nn, built once and kept; any other runs as this one would,
+        compiled if this one is (``compile_model=False``: a trial not worth compiling)."""
         if policy == "fp64" and self._reference is not None:
             return self._reference
+        if compile_model is None:
+            compile_model = bool(self.parameters.get("compile_model")) and policy != "fp64"
         sibling = LowPrecisionMACECalculator(
             models=[copy.deepcopy(model) for model in self._model_sources],
             device=self._setup["device"], policy=policy,
             backend="e3nn" if policy == "fp64" else self.backend,
-            fast_path=False if policy == "fp64" else "auto",
+            fast_path=False if policy == "fp64" else "auto", compile_model=compile_model,
             max_force_eV_A=self.max_force_eV_A, **self._setup["mace_kwargs"])
         if policy == "fp64":
             self._reference = sibling

@@ -155,3 +155,16 @@ def test_a_graph_compiled_before_is_recognised_by_graph_shapes_and_settings(monk
     assert compiled_before(_sine_graph(2 * weights), inputs, settings)  # values: not in the key
     assert not compiled_before(graph, [torch.ones(10, dtype=torch.float64)], settings)
     assert not compiled_before(graph, inputs, dict(settings, default_dtype=torch.float16))
+
+
+@pytest.mark.parametrize("compile_model", [True, False])
+def test_siblings_compile_as_their_calculator_does_and_trials_never(compile_model):
+    """The sentinel's fallback runs for the rest of the run: compiled if its calculator
+    is. policy="auto"'s trial calculators run a few calls: never compiled. The fp64
+    reference runs on mace's path, which does not compile."""
+    calc = LowPrecisionMACECalculator(models=build_tiny_model((1, 8)), device="cpu",
+                                      compile_model=compile_model, sentinel_every=100)
+    assert calc._sibling("fp32-linear-bf16").parameters["compile_model"] is compile_model
+    assert calc._sibling("fp32", compile_model=False).parameters["compile_model"] is False
+    reference = calc._sibling("fp64")
+    assert reference.parameters["compile_model"] is False and not reference.engines

@@ -69,15 +69,16 @@ class PolicyHandover:
         self._auto_budget, budget = None, self._auto_budget
         built = {}  # fresh calculators, so that the trial calls touch none of this one's state
 
-        def build(name):
+        def build(name):  # trials of a few calls each: not worth compiling
             if name not in built:
-                built[name] = self._sibling(name)
+                built[name] = self._sibling(name, compile_model=False)
             return built[name]
 
         chosen, evidence = choose_policy(build, self.atoms, device=device,
                                          force_budget_eV_A=budget)
         if chosen != self.policy.name:
-            self._delegate = built[chosen]
+            self._delegate = (self._sibling(chosen) if self.parameters.get("compile_model")
+                              else built[chosen])
         self.parameters.update(policy=chosen, policy_decision=evidence)
 
     def _watch(self, properties) -> None:
