@@ -74,7 +74,11 @@ def compile_in_child_process(graph: torch.fx.GraphModule, inputs: list[torch.Ten
     the result up (default: this one's now). The child inherits the environment, so it
     writes to the cache this process reads (inductor's directory is resolved here first).
     """
-    environment = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=inductor_cache_dir())
+    # The package where this process found it, also when only its sys.path knew the place.
+    package_root = str(Path(__file__).resolve().parents[2])
+    environment = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=inductor_cache_dir(),
+                       PYTHONPATH=os.pathsep.join(filter(None, [
+                           package_root, os.environ.get("PYTHONPATH")])))
     with tempfile.TemporaryDirectory(prefix="mace_lpcalc_compile_") as directory:
         payload = Path(directory) / "graph.pt"
         torch.save({"graph": graph,
@@ -138,6 +142,8 @@ def _example(description: dict) -> torch.Tensor:
 
 def main(argv=None) -> None:
     """Compile the graph of a file :func:`compile_in_child_process` wrote."""
+    path, parent_pid = sys.argv[1:] if argv is None else argv
+    _end_with_parent(int(parent_pid))
     from mace_lpcalc import compat  # noqa: F401  -- mace before e3nn; registers mace's ops
     try:  # the custom operators of cuEquivariance's kernels, where the graph calls them
         import cuequivariance_ops_torch  # noqa: F401
@@ -145,8 +151,6 @@ def main(argv=None) -> None:
         pass
     from mace_lpcalc.fastpath.compiled import compile_graph
 
-    path, parent_pid = sys.argv[1:] if argv is None else argv
-    _end_with_parent(int(parent_pid))
     payload = torch.load(path, weights_only=False)  # written by our parent a moment ago
     apply_cache_key_settings(payload["settings"])
     compile_graph(payload["graph"], [_example(value) for value in payload["inputs"]])
