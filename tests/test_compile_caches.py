@@ -168,3 +168,13 @@ def test_siblings_compile_as_their_calculator_does_and_trials_never(compile_mode
     assert calc._sibling("fp32", compile_model=False).parameters["compile_model"] is False
     reference = calc._sibling("fp64")
     assert reference.parameters["compile_model"] is False and not reference.engines
+
+
+def test_an_unwritable_cache_root_warns_and_leaves_the_defaults(clean_cache_variables,
+                                                                 fake_gpu, monkeypatch):
+    blocker = clean_cache_variables / "a_file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv(disk_caches.CACHE_ROOT_VARIABLE, str(blocker))
+    with pytest.warns(RuntimeWarning, match="no compile cache in"):
+        directories = disk_caches.use_disk_caches("cuda")
+    assert "CUEQUIVARIANCE_OPS_NVRTC_CACHE_DIR" not in directories

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -71,9 +72,16 @@ def use_disk_caches(device) -> dict[str, str]:
     for variable, subdirectory in LIBRARY_CACHE_VARIABLES.items():
         if os.environ.get(variable, "") in untouched:
             path = directory / subdirectory
-            path.mkdir(parents=True, exist_ok=True)
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as err:  # a read-only home, say: the libraries' defaults then
+                warnings.warn(f"no compile cache in {path} ({err}); compiled code will not "
+                              f"be kept between runs (set {CACHE_ROOT_VARIABLE})",
+                              RuntimeWarning, stacklevel=2)
+                continue
             os.environ[variable] = str(path)
-    return {variable: os.environ[variable] for variable in LIBRARY_CACHE_VARIABLES}
+    return {variable: os.environ[variable] for variable in LIBRARY_CACHE_VARIABLES
+            if os.environ.get(variable)}
 
 
 def _cuequivariance_ops_version() -> str:
