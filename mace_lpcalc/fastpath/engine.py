@@ -348,11 +348,12 @@ class MACEEngine:
         # A compiled call, whose re-compilation costs tens of seconds, gets more room once
         # the system proves to be still changing (a lattice start disorders, a box shrinks).
         compiled = self.compiled is not None
+        regrowth = max(self.edge_headroom, _COMPILED_REGROWTH_HEADROOM) if compiled \
+            else self.edge_headroom
         self._edges = EdgeBuffers(
             n_atoms=n_replicas * n_atoms, n_graphs=n_replicas, r_max=self.r_max, dtype=dtype,
             device=device, headroom=self.edge_headroom, min_capacity=self.min_edge_capacity,
-            regrowth_headroom=max(self.edge_headroom, _COMPILED_REGROWTH_HEADROOM * compiled),
-            capacity_ladder=_COMPILED_CAPACITY_LADDER if compiled else None)
+            regrowth_headroom=regrowth, capacity_ladder=_COMPILED_CAPACITY_LADDER if compiled else None)
         self.neighbors.invalidate()
         self._drop_graphs()
 
