@@ -15,7 +15,7 @@ from mace_lpcalc.fastpath import disk_caches
 from mace_lpcalc.fastpath.compiled import compile_graph
 from mace_lpcalc.fastpath.edge_buffers import EdgeBuffers, ladder_rung
 from mace_lpcalc.fastpath.inductor_child import (cache_key_settings, compile_in_child_process,
-                                                compiled_before, remember_compiled)
+                                                compile_marker, mark_compiled)
 from mace_lpcalc.md.nve import NVESettings
 from tiny_models import build_tiny_model
 
@@ -150,11 +150,11 @@ def test_a_graph_compiled_before_is_recognised_by_graph_shapes_and_settings(monk
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     weights = torch.ones(9, dtype=torch.float64)
     graph, inputs, settings = _sine_graph(weights), [weights], cache_key_settings()
-    assert not compiled_before(graph, inputs, settings)
-    remember_compiled(graph, inputs, settings)
-    assert compiled_before(_sine_graph(2 * weights), inputs, settings)  # values: not in the key
-    assert not compiled_before(graph, [torch.ones(10, dtype=torch.float64)], settings)
-    assert not compiled_before(graph, inputs, dict(settings, default_dtype=torch.float16))
+    assert not compile_marker(graph, inputs, settings).exists()
+    mark_compiled(compile_marker(graph, inputs, settings))
+    assert compile_marker(_sine_graph(2 * weights), inputs, settings).exists()  # values: not in the key
+    assert not compile_marker(graph, [torch.ones(10, dtype=torch.float64)], settings).exists()
+    assert not compile_marker(graph, inputs, dict(settings, default_dtype=torch.float16)).exists()
 
 
 @pytest.mark.parametrize("compile_model", [True, False])

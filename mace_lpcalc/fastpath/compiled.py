@@ -49,7 +49,7 @@ import torch
 from mace_lpcalc.compat import (FakeTensorMode, ShapeEnv, TracingContext, inductor_cache_hits,
                                 inductor_compile, make_fx, tracing)
 from mace_lpcalc.fastpath.inductor_child import (cache_key_settings, compile_in_child_process,
-                                                compiled_before, remember_compiled)
+                                                compile_marker, mark_compiled)
 from mace_lpcalc.fastpath.traceable import TRACING, make_traceable  # noqa: F401 -- engine's
 
 logger = logging.getLogger(__name__)
@@ -301,13 +301,14 @@ class CompiledModelCall:
                 return compile_graph(graph, inputs)
         # A graph compiled before (in any process) is a cache hit here: a child would only
         # add its own start (imports: 15-20 s on an H100 machine).
-        if not compiled_before(graph, inputs, settings):
+        marker = compile_marker(graph, inputs, settings)
+        if not marker.exists():
             compile_in_child_process(graph, inputs, settings)
         with TRACING_LOCK:
             hits = inductor_cache_hits()
             function = compile_graph(graph, inputs)
             self.n_cache_hits += inductor_cache_hits() > hits
-        remember_compiled(graph, inputs, settings)
+        mark_compiled(marker)
         return function
 
 

@@ -13,7 +13,7 @@ and the compiling thread's own compilation of the graph is then a cache hit that
 Nothing depends on the child succeeding: if it fails or its result is not found in the
 cache (a setting the key reads differs), the thread compiles as before. A graph compiled
 before, by any process using the same cache, needs no child: a marker beside inductor's
-cache (:func:`remember_compiled`) says so, and loading from the cache is quick.
+cache (:func:`compile_marker`) says so, and loading from the cache is quick.
 """
 
 from __future__ import annotations
@@ -98,27 +98,21 @@ def compile_in_child_process(graph: torch.fx.GraphModule, inputs: list[torch.Ten
     return True
 
 
-def compiled_before(graph: torch.fx.GraphModule, inputs: list[torch.Tensor],
-                    settings: dict) -> bool:
-    """Whether :func:`remember_compiled` recorded this graph for these inputs and
-    settings in the current cache (then compiling it is a cache hit)."""
-    return _marker(graph, inputs, settings).exists()
-
-
-def remember_compiled(graph: torch.fx.GraphModule, inputs: list[torch.Tensor],
-                      settings: dict) -> None:
-    """Record that inductor's cache now holds code for this graph, inputs and settings."""
-    marker = _marker(graph, inputs, settings)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
-
-
-def _marker(graph, inputs, settings) -> Path:
+def compile_marker(graph: torch.fx.GraphModule, inputs: list[torch.Tensor],
+                   settings: dict) -> Path:
+    """The file beside inductor's cache that says this graph was compiled for these
+    inputs and settings (then compiling it again is a cache hit); see :func:`mark_compiled`."""
     # What inductor's key reads besides the constants' values (which it leaves out too).
     described = repr((graph.code, [_describe(value) for value in inputs],
                       sorted(settings.items()), torch.__version__))
     key = hashlib.sha256(described.encode()).hexdigest()
     return Path(inductor_cache_dir()) / "mace_lpcalc_compiled" / key
+
+
+def mark_compiled(marker: Path) -> None:
+    """Record that inductor's cache now holds the code :func:`compile_marker` names."""
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
 
 
 def _end_with_parent(parent_pid: int) -> None:

@@ -48,7 +48,7 @@ from mace_lpcalc.installed import BACKENDS, package_versions
 from mace_lpcalc.precision.auto import DEFAULT_AUTO_FORCE_BUDGET_EV_A
 from mace_lpcalc.precision.policies import POLICIES
 from mace_lpcalc.md.checkpoint import Checkpoint, checkpoint_path, settings_changes
-from mace_lpcalc.md.inputs import build_calculator, prepare_output_directory, read_structure
+from mace_lpcalc.md.inputs import COMPILE_MODEL_VALUES, build_calculator, prepare_output_directory, read_structure
 from mace_lpcalc.md.progress import RunProgress, ns_per_day
 from mace_lpcalc.precision.sentinel import SENTINEL_ACTIONS
 from mace_lpcalc.md.frames import TrajectoryData, frame_from_atoms, is_periodic
@@ -87,7 +87,7 @@ class MDSettings:
                                         "in the last bits); no effect on a GPU")
     compile_model: str = setting("auto", "fuse the model call with TorchInductor while MD "
                                          "runs uncompiled, checked against it; auto: on CUDA",
-                                 choices=("auto", "on", "off"))
+                                 choices=tuple(COMPILE_MODEL_VALUES))
     steps: int = setting(1000, "total number of MD steps")
     timestep_fs: float = setting(1.0, "time step (fs)", flags=("--dt",))
     temperature_K: float = setting(300.0, "target temperature; also sets the Maxwell-"
@@ -120,11 +120,11 @@ class MDSettings:
     resume: bool = setting(False, "continue the run from its checkpoint")
 
     #: Settings that may change when a run is resumed; every other one must match.
-    RESUMABLE_CHANGES: ClassVar[frozenset] = frozenset(
-        {"structure", "model", "device", "deterministic", "compile_model", "steps",
-         "checkpoint_every", "checkpoint_every_s", "max_wall_s", "progress_every_s",
-         "sentinel_every", "sentinel_force_budget_eV_A", "sentinel_action", "sentinel_fallback_policy", "out",
-         "overwrite", "resume"})
+    RESUMABLE_CHANGES: ClassVar[frozenset] = frozenset({
+        "structure", "model", "device", "deterministic", "compile_model", "steps",
+        "checkpoint_every", "checkpoint_every_s", "max_wall_s", "progress_every_s",
+        "sentinel_every", "sentinel_force_budget_eV_A", "sentinel_action",
+        "sentinel_fallback_policy", "out", "overwrite", "resume"})
 
     def __post_init__(self):
         positive = {"timestep_fs": self.timestep_fs, "log_every": self.log_every,
@@ -147,7 +147,7 @@ class MDSettings:
             raise ValueError(f"temperature_K must be non-negative, got {self.temperature_K}")
         if isinstance(self.compile_model, bool):  # as runs before "auto" recorded it
             self.compile_model = "on" if self.compile_model else "off"
-        if self.compile_model not in ("auto", "on", "off"):
+        if self.compile_model not in COMPILE_MODEL_VALUES:
             raise ValueError(f"compile_model must be auto, on or off, got {self.compile_model!r}")
         if self.overwrite and self.resume:
             raise ValueError("overwrite and resume exclude each other")

@@ -41,10 +41,15 @@ def read_structure(path) -> Atoms:
     return atoms
 
 
+#: The protocols' compile_model setting's values, and the calculator's ``compile_model``
+#: for each.
+COMPILE_MODEL_VALUES = {"auto": "auto", "on": True, "off": False}
+
+
 def build_calculator(settings: MDSettings) -> LowPrecisionMACECalculator:
     """The MACE calculator a run uses; prints which model it loaded."""
     common = {"device": settings.device, "policy": settings.policy,
-              "backend": settings.backend, "compile_model": {"on": True, "off": False}.get(settings.compile_model, "auto"),
+              "backend": settings.backend, "compile_model": COMPILE_MODEL_VALUES[settings.compile_model],
               "max_force_eV_A": settings.max_force_eV_A,
               "auto_force_budget_eV_A": settings.auto_force_budget_eV_A,
               "sentinel_every": settings.sentinel_every,
