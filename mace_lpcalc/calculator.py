@@ -28,6 +28,7 @@ from mace.calculators.mace import MACECalculator
 from mace.tools import torch_tools
 
 from mace_lpcalc.fastpath.disk_caches import use_disk_caches
+from mace_lpcalc.fastpath.edge_chunks import check_edge_chunk_size
 from mace_lpcalc.fastpath.engine import DEFAULT_SKIN_A, MACEEngine
 from mace_lpcalc.fastpath.mace_layout import (cell_as_mace_sees_it, check_results,
                                               fast_path_tolerance, largest_deviation,
@@ -41,24 +42,12 @@ from mace_lpcalc.precision.handover import PolicyHandover
 from mace_lpcalc.replica_calls import ReplicaCalls
 from mace_lpcalc.system_changes import ExactStateCheck
 from mace_lpcalc.precision.policies import (apply_policy, check_device_supports,
-                       copy_without_policy, get_policy, policy_context)
+                                            copy_without_policy, get_policy, policy_context,
+                                            policy_for)
 
 #: Forces above this (eV/Å) on any atom mean the model has left its domain; MD must stop.
 EXPLODING_FORCE_EV_A = 1.0e3
 
-
-def _policy_for(policy, default_dtype: str):
-    """The policy a caller means by ``policy`` and mace's ``default_dtype`` together."""
-    by_dtype = {"float64": "fp64", "float32": "fp32"}
-    if default_dtype and default_dtype not in by_dtype:
-        raise ValueError(f"default_dtype must be 'float64' or 'float32', got {default_dtype!r}")
-    if policy is None:
-        return by_dtype.get(default_dtype, "fp32")
-    if default_dtype and get_policy(policy).model_dtype_name != default_dtype:
-        raise ValueError(f"policy {get_policy(policy).name!r} runs a "
-                         f"{get_policy(policy).model_dtype_name} model, but "
-                         f"default_dtype={default_dtype!r}")
-    return policy
 
 
 #: torch's default dtype (which mace's data pipeline reads) and the CUDA matmul flags a
@@ -110,6 +99,10 @@ class LowPrecisionMACECalculator(ExactStateCheck, ReplicaCalls, PolicyHandover, 
             the code is generated in a child process), and switch when ready
             (``calc.engine.compiled.wait()`` waits for it); False makes the first call at
             each size compile.
+        edge_chunk_size: fast path only: ``"auto"`` evaluates each convolution in chunks of
+            edges, recomputing their weights in the backward pass, where a system is large
+            enough to need the memory (:mod:`mace_lpcalc.fastpath.edge_chunks`; such calls run
+            uncompiled); an int chunks above that many edges; None never chunks.
         default_dtype: mace's keyword: ``"float64"`` or ``"float32"`` picks the fp64 or
             fp32 policy; it must agree with ``policy`` if both are given.
         pad_num_edges: mace's keyword; on the fast path the smallest edge capacity.
@@ -132,7 +125,8 @@ class LowPrecisionMACECalculator(ExactStateCheck, ReplicaCalls, PolicyHandover, 
                  policy=None, backend: str = "auto", fast_path="auto",
                  verify_fast_path: bool = True, skin_A: float = DEFAULT_SKIN_A,
                  use_cuda_graph="auto", compile_model="auto",
-                 compile_in_background: bool = True, default_dtype: str = "",
+                 compile_in_background: bool = True, edge_chunk_size="auto",
+                 default_dtype: str = "",
                  enable_cueq: bool = False, compile_mode=None, pad_num_edges: int = 0,
                  max_force_eV_A: float | None = EXPLODING_FORCE_EV_A,
                  sentinel_every: int = 0, sentinel_force_budget_eV_A: float | None = None,
@@ -140,7 +134,7 @@ class LowPrecisionMACECalculator(ExactStateCheck, ReplicaCalls, PolicyHandover, 
                  auto_force_budget_eV_A: float = DEFAULT_AUTO_FORCE_BUDGET_EV_A, **kwargs):
         policy = self._set_up_auto(policy, auto_force_budget_eV_A)
         try:
-            self.policy = get_policy(_policy_for(policy, default_dtype))
+            self.policy = get_policy(policy_for(policy, default_dtype))
         except ValueError as err:
             raise CalculatorSetupError(str(err)) from None
         if (model_paths is None) == (models is None):
@@ -165,7 +159,8 @@ class LowPrecisionMACECalculator(ExactStateCheck, ReplicaCalls, PolicyHandover, 
             raise CalculatorSetupError(f"device {device!r} requested but CUDA is not available")
         try:
             check_device_supports(self.policy, torch_device)
-        except RuntimeError as err:
+            check_edge_chunk_size(edge_chunk_size)
+        except (RuntimeError, ValueError) as err:
             raise CalculatorSetupError(str(err)) from None
         self.backend = resolve_backend(backend, torch_device)
         if self.backend == "cuequivariance" and torch_device.type == "cuda" \
@@ -212,7 +207,7 @@ class LowPrecisionMACECalculator(ExactStateCheck, ReplicaCalls, PolicyHandover, 
             try:
                 self.engines = [self._build_engine(model, torch_device, skin_A, use_cuda_graph,
                                                    compile_model, compile_in_background,
-                                                   pad_num_edges)
+                                                   pad_num_edges, edge_chunk_size)
                                 for model in self.models]
                 status = "on"
             except ValueError as err:
@@ -235,6 +230,7 @@ class LowPrecisionMACECalculator(ExactStateCheck, ReplicaCalls, PolicyHandover, 
             skin_A=skin_A if self.engines else None,
             compile_model=bool(compile_model),
             compile_in_background=bool(compile_model and compile_in_background),
+            edge_chunk_size=edge_chunk_size if self.engines else None,
             compile_caches=self._disk_caches,
             versions=package_versions(),
             sentinel=self._sentinel_settings(),
@@ -246,7 +242,7 @@ class LowPrecisionMACECalculator(ExactStateCheck, ReplicaCalls, PolicyHandover, 
         return self.engines[0] if self.engines else None
 
     def _build_engine(self, model, device, skin_A, use_cuda_graph, compile_model,
-                      compile_in_background, min_edge_capacity) -> MACEEngine:
+                      compile_in_background, min_edge_capacity, edge_chunk_size) -> MACEEngine:
         # A compiled 16-bit call is checked for accuracy against the model without its
         # 16-bit operands (see mace_lpcalc.fastpath.compiled).
         reference_model = (copy_without_policy(model)
@@ -256,7 +252,8 @@ class LowPrecisionMACECalculator(ExactStateCheck, ReplicaCalls, PolicyHandover, 
             device=device, skin_A=skin_A, use_cuda_graph=use_cuda_graph, head=self.head,
             model_type=self.model_type, compute_atomic_stresses=self.compute_atomic_stresses,
             min_edge_capacity=min_edge_capacity, compile_model=compile_model,
-            compile_in_background=compile_in_background, reference_model=reference_model)
+            compile_in_background=compile_in_background, reference_model=reference_model,
+            edge_chunk_size=edge_chunk_size)
 
     def _step_aside(self, reason: str) -> str:
         """Stop using the fast path for good: warn once, record why, return the status."""

@@ -94,6 +94,14 @@ MACE_EDGE_GEOMETRY = (mace_modules_utils, "get_edge_vectors_and_lengths")
 CUEQ_FUSION_MARKER = "original_forward"
 #: cuEquivariance kernel attributes the 16-bit radial hand-over rewrites or reads.
 CUEQ_KERNEL_DTYPE_FIELDS = ("dtypes", "math_dtype", "num_inputs", "num_outputs")
+#: mace's interaction blocks whose forward hands ``conv_tp_weights``' output, times the
+#: cutoff where there is one, to ``conv_tp`` and nowhere else: the edge-chunked
+#: convolution (:mod:`mace_lpcalc.fastpath.edge_chunks`) relies on that.
+MACE_BLOCKS_MODULE = "mace.modules.blocks"
+WEIGHTS_TO_CONVOLUTION_BLOCKS = (
+    "RealAgnosticInteractionBlock", "RealAgnosticResidualInteractionBlock",
+    "RealAgnosticDensityInteractionBlock", "RealAgnosticDensityResidualInteractionBlock",
+    "RealAgnosticAttResidualInteractionBlock", "RealAgnosticResidualNonLinearInteractionBlock")
 #: ASE's IsotropicMTKNPT state: (owner path, attribute) pairs, owner "" = the dynamics.
 MTK_STATE = (("", "_cell0"), ("", "_volume0"), ("", "_eps"), ("", "_p_eps"),
              ("_thermostat", "_eta"), ("_thermostat", "_p_eta"),
@@ -180,6 +188,26 @@ def _resolves_cueq_kernel_fields() -> bool:
     return set(CUEQ_KERNEL_DTYPE_FIELDS) <= assigned
 
 
+def _weights_reach_only_the_convolution() -> bool:
+    """Every line of those blocks' forwards that names ``tp_weights`` is one of the three
+    the edge-chunked convolution expects (made, scaled by the cutoff, convolved)."""
+    import importlib
+    import inspect
+    import re
+
+    expected = re.compile(r"tp_weights = self\.conv_tp_weights\(\w+\)"
+                          r"|tp_weights = tp_weights \* cutoff"
+                          r"|.*self\.conv_tp\(\w+, edge_attrs, tp_weights, edge_index\)"
+                          r"|\w+\[edge_index\[0\]\], edge_attrs, tp_weights")
+    blocks = importlib.import_module(MACE_BLOCKS_MODULE)
+    for name in WEIGHTS_TO_CONVOLUTION_BLOCKS:
+        lines = [line.strip() for line in inspect.getsource(getattr(blocks, name).forward)
+                 .splitlines() if re.search(r"\btp_weights\b", line)]
+        if len(lines) != 4 or not all(expected.fullmatch(line) for line in lines):
+            return False
+    return True
+
+
 #: Every shim, by name, with a check that it still resolves in the installed versions.
 SHIMS = {
     "torch._inductor.compile": lambda: callable(_inductor().compile),
@@ -194,5 +222,6 @@ SHIMS = {
     "mace with_cueq_conv_fusion": lambda: callable(with_cueq_conv_fusion),
     "mace MACECalculator._atoms_to_batch": lambda: callable(MACECalculator._atoms_to_batch),
     "cuequivariance kernel dtype fields": _resolves_cueq_kernel_fields,
+    "mace blocks: conv_tp_weights reach only conv_tp": _weights_reach_only_the_convolution,
     "ase IsotropicMTKNPT state": _resolves_mtk_state,
 }

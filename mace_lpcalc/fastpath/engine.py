@@ -25,20 +25,20 @@ With ``compile_model`` the model call is traced and fused by TorchInductor
 (:mod:`mace_lpcalc.fastpath.compiled`) in the background while the CUDA graph of the eager
 call keeps MD going; once it is ready and checked, the graph is captured around it.
 
+Large systems evaluate their convolutions in chunks of edges, recomputing each chunk's
+weights in the backward pass (:mod:`mace_lpcalc.fastpath.edge_chunks`); such calls run
+uncompiled, since compiling would need about the memory that chunking saves.
+
 The model is called exactly as mace's calculator calls it, on a batch dictionary built
 from persistent tensors (:mod:`mace_lpcalc.fastpath.model_batch`): the system's graph (or
 one graph per replica, :meth:`MACEEngine.compute_replicas`), then a graph of a few padding
 nodes with self-loop padding edges, whose periodic shift in that graph's large cell makes
 them longer than ``r_max``: MACE's radial cutoff zeroes them, so padding adds exactly
 nothing and never produces a zero-length edge (NaN spherical harmonics). Padding edges
-cost as much model time as real ones, so the edge capacity has only a little headroom
-over the count inside the cutoff (:mod:`mace_lpcalc.fastpath.edge_buffers`); a captured
-graph stays valid while that count fluctuates, and it is re-captured only when the count
-outgrows the capacity (the graph writes the count beside the results; the call is then
-repeated with larger buffers) or the atom count changes.
-
-Results are returned as computed: NaN or infinite values are not masked, so callers can
-detect a failed evaluation.
+cost as much model time as real ones, so the edge capacity has little headroom over the
+count inside the cutoff (:mod:`mace_lpcalc.fastpath.edge_buffers`); a captured graph is
+re-captured only when the count outgrows the capacity or the atom count changes.
+Results are returned as computed (NaN or infinite values are not masked).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ import torch
 from mace_lpcalc.fastpath.compiled import (DEVICE_WORK_LOCK, CompiledModelCall, capture_cuda_graph,
                                           make_traceable)
 from mace_lpcalc.fastpath.edge_buffers import EdgeBuffers
+from mace_lpcalc.fastpath.edge_chunks import EdgeChunking, convolution_chunks
 from mace_lpcalc.fastpath.element_skip import convert_element_skips, elements_in_use
 from mace_lpcalc.fastpath.model_batch import (
     GRAPH_OUTPUTS,
@@ -105,6 +106,9 @@ class MACEEngine:
             while calls run the eager model; False compiles within the first call.
         reference_model: with ``compile_model`` and 16-bit operands: the model without
             them, against which the compiled call's accuracy is checked.
+        edge_chunk_size: when convolutions run in chunks of edges
+            (:class:`mace_lpcalc.fastpath.edge_chunks.EdgeChunking`): ``"auto"`` (where memory
+            needs it), None (never) or the most edges a chunk holds.
     """
 
     def __init__(self, model: torch.nn.Module, *, z_table_atomic_numbers, r_max: float,
@@ -113,7 +117,7 @@ class MACEEngine:
                  model_type: str = "MACE", compute_atomic_stresses: bool = False,
                  min_edge_capacity: int = 0,
                  compile_model: bool = False, compile_in_background: bool = True,
-                 reference_model: torch.nn.Module | None = None):
+                 reference_model: torch.nn.Module | None = None, edge_chunk_size="auto"):
         self.device = torch.device(device)
         if use_cuda_graph not in ("auto", True, False):
             raise ValueError(
@@ -135,6 +139,7 @@ class MACEEngine:
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         convert_element_skips(self.model)
+        self.edge_chunking = EdgeChunking(self.model, edge_chunk_size, self.device)
         #: One-hot columns (model element indices) present in the system, padding included.
         self._elements_in_use: tuple[int, ...] | None = None
         self.dtype = float_dtype(self.model)
@@ -146,8 +151,7 @@ class MACEEngine:
         self._head_index = head_index(self.model, head)
         self._has_energy = "energy" in dict(MODEL_OUTPUTS[model_type])
         self.edge_headroom = float(edge_headroom)
-        self.use_cuda_graph = (self.device.type == "cuda" if use_cuda_graph == "auto"
-                               else bool(use_cuda_graph))
+        self.use_cuda_graph = self.device.type == "cuda" if use_cuda_graph == "auto" else use_cuda_graph
         self.neighbors = ReplicaNeighborLists(self.r_max, skin_A)
         self.compiled = None
         if compile_model:
@@ -171,7 +175,8 @@ class MACEEngine:
         self._graphs_compiled_version = None
         self._numbers: np.ndarray | None = None
         self._n_atoms = self._n_replicas = 0
-        self._last_call_used_graph = False
+        #: Whether the last call replayed a captured graph.
+        self.last_call_replayed_graph = False
         self._edges: EdgeBuffers | None = None
         #: Edges inside the cutoff at the last evaluation (what the model saw, unpadded).
         self.n_edges = 0
@@ -186,15 +191,14 @@ class MACEEngine:
         numbers, all among the model's elements; ``cell`` (3, 3) Å, lattice vectors as
         rows (ignored in open directions); ``pbc`` a bool or three bools;
         ``compute_stress`` also the stress, as mace's calculator computes it for any cell
-        (from its volume; zero for a zero-volume cell); ``charges`` (n_atoms,) fixed
-        charges, e, of the dipole models' baseline dipole (None: zero).
+        (zero for a zero-volume cell); ``charges`` (n_atoms,) fixed charges, e, of the
+        dipole models' baseline dipole (None: zero).
 
         Returns, for energy models, ``energy`` (float, eV), ``forces`` (n_atoms, 3) eV/Å,
-        ``node_energy`` (n_atoms,) eV as the model outputs it (E0 included), ``node_e0``
-        (n_atoms,) eV, with ``compute_stress`` ``stress`` (3, 3) eV/Å³ in mace's sign
-        convention (before the Voigt conversion), with atomic stresses
-        ``atomic_stresses`` and ``atomic_virials`` (n_atoms, 3, 3); for dipole models
-        ``dipole`` (3,) e·Å. Values are not checked for NaN.
+        ``node_energy`` (n_atoms,) eV (E0 included), ``node_e0`` (n_atoms,) eV, with
+        ``compute_stress`` ``stress`` (3, 3) eV/Å³ in mace's sign convention, with atomic
+        stresses ``atomic_stresses`` and ``atomic_virials`` (n_atoms, 3, 3); for dipole
+        models ``dipole`` (3,) e·Å. Values are not checked for NaN.
         """
         positions = np.asarray(positions, dtype=np.float64)
         cell = np.asarray(cell, dtype=np.float64)
@@ -276,11 +280,6 @@ class MACEEngine:
             batch.host_out.copy_(batch.out, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
         return batch.host_out.numpy()
-
-    @property
-    def last_call_replayed_graph(self) -> bool:
-        """Whether the last call replayed a captured graph."""
-        return self._last_call_used_graph
 
     @property
     def edge_capacity(self) -> int:
@@ -372,10 +371,12 @@ class MACEEngine:
         with torch.no_grad():
             n_edges = self._edges.select(positions, cells)
         batch = self._batch.inputs(positions, cells, self._edges)
-        if self.compiled is not None:
+        chunk_edges = self.edge_chunking.chunk_edges(self.edge_capacity)
+        if self.compiled is not None and chunk_edges is None:
             output = self.compiled(batch, compute_stress)
         else:
-            output = self._eager_model_call(batch, compute_stress)
+            with convolution_chunks(chunk_edges):
+                output = self._eager_model_call(batch, compute_stress)
         self._batch.pack(output, compute_stress, n_edges)
 
     def _eager_model_call(self, batch: dict, compute_stress: bool) -> dict:
@@ -391,7 +392,7 @@ class MACEEngine:
             graph = self._graphs.get(compute_stress)
             if graph is None:
                 graph = self._capture(compute_stress)
-        self._last_call_used_graph = graph is not None
+        self.last_call_replayed_graph = graph is not None
         if graph is not None:
             graph.replay()
         else:

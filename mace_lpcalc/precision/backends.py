@@ -21,11 +21,14 @@ def _fused_convolutions(model: torch.nn.Module):
 
     mace marks interactions whose ``conv_tp`` gathers, multiplies and scatters in one
     ``uniform_1d`` kernel with ``conv_fusion``; ``kernel.dtypes`` maps each of its
-    buffers to the input whose dtype it takes (-1: the kernel's math dtype).
+    buffers to the input whose dtype it takes (-1: the kernel's math dtype). Seen through
+    the fast path's edge-chunking wrappers (their ``convolution`` and ``radial_mlp``).
     """
     for interaction in getattr(model, "interactions", ()):
-        kernel = getattr(getattr(interaction, "conv_tp", None), "m", None)
+        convolution = getattr(interaction, "conv_tp", None)
+        kernel = getattr(getattr(convolution, "convolution", convolution), "m", None)
         mlp = getattr(interaction, "conv_tp_weights", None)
+        mlp = getattr(mlp, "radial_mlp", mlp)
         if hasattr(interaction, "conv_fusion") and hasattr(kernel, "dtypes") and mlp is not None:
             yield mlp, kernel
 

@@ -103,6 +103,20 @@ def get_policy(policy: str | PrecisionPolicy) -> PrecisionPolicy:
         ) from None
 
 
+def policy_for(policy, default_dtype: str) -> str | PrecisionPolicy:
+    """The policy a caller means by ``policy`` and mace's ``default_dtype`` together."""
+    by_dtype = {"float64": "fp64", "float32": "fp32"}
+    if default_dtype and default_dtype not in by_dtype:
+        raise ValueError(f"default_dtype must be 'float64' or 'float32', got {default_dtype!r}")
+    if policy is None:
+        return by_dtype.get(default_dtype, "fp32")
+    if default_dtype and get_policy(policy).model_dtype_name != default_dtype:
+        raise ValueError(f"policy {get_policy(policy).name!r} runs a "
+                         f"{get_policy(policy).model_dtype_name} model, but "
+                         f"default_dtype={default_dtype!r}")
+    return policy
+
+
 def check_device_supports(policy: PrecisionPolicy, device: torch.device | str) -> None:
     """Raise ``RuntimeError`` if ``device`` cannot compute in the policy's 16-bit formats."""
     device = torch.device(device)
@@ -203,9 +217,12 @@ def copy_without_policy(model: torch.nn.Module) -> torch.nn.Module:
     copied_model = strip_policy(copy.deepcopy(model))
     for original, copied in zip(getattr(model, "interactions", ()),
                                 getattr(copied_model, "interactions", ())):
-        if (hasattr(original.conv_tp, compat.CUEQ_FUSION_MARKER)
-                and not hasattr(copied.conv_tp, compat.CUEQ_FUSION_MARKER)):
-            with_cueq_conv_fusion(copied.conv_tp)
+        # (through the fast path's edge-chunking wrapper, where there is one)
+        original, copied = (getattr(block.conv_tp, "convolution", block.conv_tp)
+                            for block in (original, copied))
+        if (hasattr(original, compat.CUEQ_FUSION_MARKER)
+                and not hasattr(copied, compat.CUEQ_FUSION_MARKER)):
+            with_cueq_conv_fusion(copied)
     return copied_model
 
 

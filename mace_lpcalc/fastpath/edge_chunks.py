@@ -1,0 +1,238 @@
+"""Edge-chunked convolutions: a step's memory no longer grows with edges × convolution weights.
+
+In each MACE interaction the radial MLP turns every edge's radial features into that
+edge's tensor-product weights (1 280 floats an edge in MACE-OFF24(M)'s second
+interaction), and the backward pass keeps them twice: for the product with the cutoff and
+for the convolution. With ~90 edges an atom in water, that is most of the ~1.45 MB an atom
+of peak memory measured at fp32 (bench/results/h100_largest_water_box_*.json).
+
+:func:`defer_convolution_weights` changes each interaction of a block class whose forward
+hands ``conv_tp_weights``' output, times the cutoff, to ``conv_tp`` and nowhere else
+(:data:`mace_lpcalc.compat.WEIGHTS_TO_CONVOLUTION_BLOCKS`, checked against mace's source):
+
+* ``conv_tp_weights`` becomes :class:`DeferredRadialWeights`: it keeps the radial features
+  for the convolution and returns ones (edges, 1), so the block's ``* cutoff`` yields the
+  cutoff factor itself;
+* ``conv_tp`` becomes :class:`ChunkedConvolution`: it computes the weights (MLP, times the
+  factor, as the block would) and the convolution, in chunks of edges within
+  :func:`convolution_chunks`, each chunk recomputed in the backward pass from its inputs
+  (activation checkpointing by hand: torch's checkpoint does not run e3nn's TorchScript
+  products), so only the inputs are kept.
+
+Outside :func:`convolution_chunks` the pair computes what mace's block computes, in one
+piece and with the same operations, so the modules are faithful replacements anywhere.
+Chunking costs one more radial-MLP pass per edge in the backward pass and changes only the
+order in which messages are summed. :class:`EdgeChunking` decides when a call chunks
+(:class:`mace_lpcalc.fastpath.engine.MACEEngine` asks it at every capacity).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+
+from mace_lpcalc import compat
+import torch
+
+_CHUNK_EDGES = contextvars.ContextVar("mace_lpcalc_convolution_chunk_edges", default=None)
+#: (DeferredRadialWeights, its radial features, the ones it returned), from the weights
+#: call to the convolution that follows it in the same block (and thread).
+_PENDING = contextvars.ContextVar("mace_lpcalc_pending_radial_features", default=None)
+
+#: ``"auto"`` chunks where the unchunked convolutions would keep more than this fraction
+#: of the device's memory for the backward pass ...
+AUTO_CHUNKING_ABOVE = 0.2
+#: ... in chunks whose weights take about this fraction of it, and never fewer edges.
+AUTO_CHUNK_FRACTION, MIN_CHUNK_EDGES = 1 / 128, 16_384
+
+
+@contextlib.contextmanager
+def convolution_chunks(chunk_edges: int | None):
+    """Within this block, this thread's :class:`ChunkedConvolution` calls process at most
+    ``chunk_edges`` edges at a time (None: all at once, as mace does)."""
+    if chunk_edges is not None and not (isinstance(chunk_edges, int) and chunk_edges >= 1):
+        raise ValueError(f"chunk_edges must be a positive integer or None, got {chunk_edges!r}")
+    token = _CHUNK_EDGES.set(chunk_edges)
+    try:
+        yield
+    finally:
+        _CHUNK_EDGES.reset(token)
+
+
+class DeferredRadialWeights(torch.nn.Module):
+    """Stands in for an interaction's ``conv_tp_weights``; the weights are computed by the
+    :class:`ChunkedConvolution` that the block calls next."""
+
+    def __init__(self, radial_mlp: torch.nn.Module):
+        super().__init__()
+        self.radial_mlp = radial_mlp
+
+    def forward(self, radial_features: torch.Tensor) -> torch.Tensor:
+        ones = radial_features.new_ones(radial_features.shape[0], 1)
+        _PENDING.set((self, radial_features, ones))
+        return ones
+
+
+class ChunkedConvolution(torch.nn.Module):
+    """An interaction's ``conv_tp`` that computes its own weights, chunk by chunk.
+
+    Called as the block calls its convolution: fused ``(node_feats, edge_attrs, factor,
+    edge_index)`` returns node messages (summed over chunks); unfused ``(sender_feats,
+    edge_attrs, factor)`` returns edge messages (chunks concatenated). ``factor`` is what
+    the block made of the ones :class:`DeferredRadialWeights` returned: the cutoff, or
+    those ones themselves where the block has no cutoff.
+    """
+
+    def __init__(self, convolution: torch.nn.Module):
+        super().__init__()
+        self.convolution = convolution
+
+    def forward(self, node_feats, edge_attrs, factor, edge_index=None):
+        pending = _PENDING.get()
+        _PENDING.set(None)
+        if pending is None or pending[1].shape[0] != edge_attrs.shape[0]:
+            raise RuntimeError("ChunkedConvolution must be called right after its block's "
+                               "DeferredRadialWeights, on the same edges")
+        deferred, radial_features, ones = pending
+        scale = None if factor is ones else factor
+        n_edges, chunk_edges = edge_attrs.shape[0], _CHUNK_EDGES.get()
+        if chunk_edges is None or n_edges <= chunk_edges or self._trains(deferred):
+            return self._convolve(deferred.radial_mlp, node_feats, edge_attrs,
+                                  radial_features, scale, edge_index)
+        n_chunks = -(-n_edges // chunk_edges)
+        size = -(-n_edges // n_chunks)  # equal chunks
+        fused = edge_index is not None
+        parts = []
+        convolve = functools.partial(self._convolve, deferred.radial_mlp)
+        for start in range(0, n_edges, size):
+            edges = slice(start, start + size)
+            parts.append(_RecomputedChunk.apply(
+                convolve, node_feats if fused else node_feats[edges], edge_attrs[edges],
+                radial_features[edges], None if scale is None else scale[edges],
+                edge_index[:, edges] if fused else None))
+        if not fused:
+            return torch.cat(parts)
+        messages = parts[0]
+        for part in parts[1:]:
+            messages = messages + part
+        return messages
+
+    def _trains(self, deferred: DeferredRadialWeights) -> bool:
+        """Whether parameter gradients are wanted, which chunks do not compute (they run whole)."""
+        return torch.is_grad_enabled() and any(
+            parameter.requires_grad
+            for parameter in (*self.parameters(), *deferred.parameters()))
+
+    def _convolve(self, radial_mlp, node_feats, edge_attrs, radial_features, scale, edge_index):
+        weights = radial_mlp(radial_features)
+        if scale is not None:
+            weights = weights * scale
+        if edge_index is None:
+            return self.convolution(node_feats, edge_attrs, weights)
+        return self.convolution(node_feats, edge_attrs, weights, edge_index)
+
+
+class _RecomputedChunk(torch.autograd.Function):
+    """One chunk's convolution; its backward recomputes the chunk from its inputs.
+
+    First derivatives only (forces, stress), with respect to the tensor inputs; the
+    forward's autocast state is restored for the recomputation.
+    """
+
+    @staticmethod
+    def forward(ctx, convolve, node_feats, edge_attrs, radial_features, scale, edge_index):
+        ctx.convolve = convolve
+        device_type = node_feats.device.type
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type),
+                        torch.get_autocast_dtype(device_type))
+        ctx.save_for_backward(node_feats, edge_attrs, radial_features, scale, edge_index)
+        return convolve(node_feats, edge_attrs, radial_features, scale, edge_index)
+
+    @staticmethod
+    def backward(ctx, grad_messages):
+        inputs = list(ctx.saved_tensors)
+        wanted = [index for index in range(4)
+                  if inputs[index] is not None and ctx.needs_input_grad[index + 1]]
+        device_type, autocast_enabled, autocast_dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device_type, autocast_dtype,
+                                                 enabled=autocast_enabled):
+            for index in wanted:
+                inputs[index] = inputs[index].detach().requires_grad_()
+            messages = ctx.convolve(*inputs)
+            grads = torch.autograd.grad(messages, [inputs[index] for index in wanted],
+                                        grad_messages, allow_unused=True)
+        result = [None] * 6
+        for index, grad in zip(wanted, grads):
+            result[index + 1] = grad
+        return tuple(result)
+
+
+def defer_convolution_weights(model: torch.nn.Module) -> list[ChunkedConvolution]:
+    """Give every interaction of a known block class a :class:`DeferredRadialWeights` and
+    :class:`ChunkedConvolution` pair, in place; returns the convolutions (already converted
+    ones included). Other interactions are left as they are (they never chunk)."""
+    convolutions = []
+    for interaction in getattr(model, "interactions", ()):
+        kind = type(interaction)
+        if (kind.__module__ != compat.MACE_BLOCKS_MODULE
+                or kind.__name__ not in compat.WEIGHTS_TO_CONVOLUTION_BLOCKS):
+            continue
+        if not isinstance(interaction.conv_tp, ChunkedConvolution):
+            interaction.conv_tp_weights = DeferredRadialWeights(interaction.conv_tp_weights)
+            interaction.conv_tp = ChunkedConvolution(interaction.conv_tp)
+        convolutions.append(interaction.conv_tp)
+    return convolutions
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """Total memory of a CUDA device, or of the host for a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_edge_chunk_size(setting) -> None:
+    """Raise ValueError unless ``setting`` is ``"auto"``, None or a positive int."""
+    if not (setting is None or setting == "auto" or (
+            isinstance(setting, int) and not isinstance(setting, bool) and setting >= 1)):
+        raise ValueError(f"edge_chunk_size must be 'auto', None or a positive number of "
+                         f"edges, got {setting!r}")
+
+
+class EdgeChunking:
+    """When a model's calls chunk their convolutions, and in how many edges.
+
+    Args:
+        model: converted in place by :func:`defer_convolution_weights` (unless ``setting``
+            is None).
+        setting: None: never chunk; a positive int: chunks of at most that many edges;
+            ``"auto"``: chunk only where the unchunked convolutions would keep more than
+            :data:`AUTO_CHUNKING_ABOVE` of the device's memory, then in chunks whose
+            weights take about :data:`AUTO_CHUNK_FRACTION` of it.
+        device: whose memory ``"auto"`` reads.
+    """
+
+    def __init__(self, model: torch.nn.Module, setting="auto", device="cpu"):
+        check_edge_chunk_size(setting)
+        self.setting = setting
+        convolutions = defer_convolution_weights(model) if setting is not None else []
+        self.chunkable = bool(convolutions)
+        # Estimated: each edge's weights kept twice, and the radial MLP's activations
+        # (at most about as many again for mace's MLP widths).
+        itemsize = next(model.parameters()).element_size()
+        self.kept_bytes_per_edge = 3 * itemsize * sum(
+            int(getattr(conv.convolution, "weight_numel", 0)) for conv in convolutions)
+        self.memory_bytes = device_memory_bytes(torch.device(device)) if setting == "auto" else 0
+
+    def chunk_edges(self, n_edges: int) -> int | None:
+        """The chunk size for calls with ``n_edges`` edge slots; None: do not chunk."""
+        if not self.chunkable or self.setting is None:
+            return None
+        if self.setting != "auto":
+            return self.setting if n_edges > self.setting else None
+        if self.kept_bytes_per_edge * n_edges <= AUTO_CHUNKING_ABOVE * self.memory_bytes:
+            return None
+        return max(MIN_CHUNK_EDGES,
+                   int(AUTO_CHUNK_FRACTION * self.memory_bytes) // self.kept_bytes_per_edge)

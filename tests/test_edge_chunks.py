@@ -1,0 +1,174 @@
+"""Edge-chunked convolutions: the same physics in chunks, and less kept for the backward pass.
+
+Every interaction-block class mace offers is evaluated three ways on the same weights:
+as mace built it, with the deferred-weights pair unchunked (the same operations: equal to
+rounding), and chunked (sums in another order: equal to fp64 rounding). Memory is measured
+as what autograd keeps for the backward pass, which chunking exists to cut. The CUDA test
+(fused cuEquivariance convolution, CUDA graph) is skipped without a GPU.
+"""
+
+import copy
+
+import mace  # noqa: F401  -- before e3nn
+import numpy as np
+import pytest
+import torch
+from ase.calculators.calculator import CalculatorSetupError
+
+from mace_lpcalc import LowPrecisionMACECalculator, compat
+from mace_lpcalc.fastpath.edge_chunks import (AUTO_CHUNK_FRACTION, AUTO_CHUNKING_ABOVE,
+                                              MIN_CHUNK_EDGES, ChunkedConvolution,
+                                              EdgeChunking, convolution_chunks,
+                                              defer_convolution_weights)
+from mace_lpcalc.fastpath.engine import MACEEngine
+from mace_lpcalc.model_zoo import build_architecture
+from mace_lpcalc.systems import water_box
+
+ELEMENTS = (1, 6, 8)
+R_MAX = 4.0
+BLOCK_ARCHITECTURES = ["plain-first", "residual-first", "density", "attention-residual",
+                       "nonlinear-residual"]
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _water():
+    atoms = water_box(8, seed=2)
+    atoms.rattle(0.05, seed=3)
+    return atoms
+
+
+def _engine(model, **kwargs):
+    return MACEEngine(model, z_table_atomic_numbers=ELEMENTS, r_max=R_MAX, **kwargs)
+
+
+def _evaluate(engine, atoms):
+    return engine.compute(atoms.positions, atoms.numbers, atoms.cell.array, atoms.pbc,
+                          compute_stress=True)
+
+
+def test_every_mace_block_class_is_covered_and_its_source_still_fits():
+    """The shim reads each listed block's forward; the list names every block with a
+    ``conv_tp_weights`` in the installed mace, so no interaction class goes unchunked
+    silently."""
+    from mace.modules import blocks
+
+    assert compat.SHIMS["mace blocks: conv_tp_weights reach only conv_tp"]()
+    with_weights = {name for name, kind in vars(blocks).items() if isinstance(kind, type)
+                    and issubclass(kind, blocks.InteractionBlock)
+                    and "conv_tp_weights" in getattr(kind, "_setup").__code__.co_names}
+    assert with_weights == set(compat.WEIGHTS_TO_CONVOLUTION_BLOCKS)
+
+
+@pytest.mark.parametrize("architecture", BLOCK_ARCHITECTURES)
+def test_chunked_convolutions_give_mace_s_energy_forces_and_stress(architecture):
+    atoms = _water()
+    original = build_architecture(architecture, ELEMENTS, r_max=R_MAX)
+    reference = _evaluate(_engine(copy.deepcopy(original), edge_chunk_size=None), atoms)
+    unchunked_engine = _engine(copy.deepcopy(original), edge_chunk_size=10**9)
+    assert all(isinstance(block.conv_tp, ChunkedConvolution)
+               for block in unchunked_engine.model.interactions)
+    unchunked = _evaluate(unchunked_engine, atoms)
+    chunked_engine = _engine(copy.deepcopy(original), edge_chunk_size=97)
+    chunked = _evaluate(chunked_engine, atoms)
+    assert chunked_engine.edge_capacity > 5 * 97  # several chunks, the last one shorter
+    for key in ("energy", "forces", "stress"):
+        np.testing.assert_allclose(unchunked[key], reference[key], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(chunked[key], reference[key], rtol=0, atol=1e-10)
+    assert np.abs(reference["forces"]).max() > 1e-3  # the comparison is not of zeros
+
+
+def _kept_bytes(model, atoms, chunk_edges):
+    """Bytes autograd keeps for the backward pass of one energy evaluation (storages once)."""
+    from mace.calculators import MACECalculator
+
+    from mace_lpcalc.fastpath.model_batch import eager_model_call
+
+    batch = MACECalculator(models=copy.deepcopy(model), device="cpu",
+                           default_dtype="float64")._atoms_to_batch(atoms).to_dict()
+    kept = {}
+
+    def pack(tensor):
+        kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+            convolution_chunks(chunk_edges):
+        eager_model_call(model, batch, compute_stress=False)
+    return sum(kept.values())
+
+
+def test_chunking_halves_what_the_backward_pass_keeps():
+    """MACE-OFF24(M)'s widths and 6 Å cutoff on water (~85 edges an atom). e3nn's products
+    keep node-level intermediates that chunking leaves alone (cuEquivariance's fused
+    kernels keep none), so on the GPU the cut is larger."""
+    atoms = water_box(27, seed=1)
+    model = build_architecture("plain-first", ELEMENTS, r_max=6.0, size="off24m")
+    model.requires_grad_(False)
+    defer_convolution_weights(model)
+    whole, chunked = _kept_bytes(model, atoms, None), _kept_bytes(model, atoms, 512)
+    assert chunked < 0.6 * whole, (whole, chunked)
+
+
+def test_auto_chunks_only_where_the_memory_is_needed():
+    model = build_architecture("plain-first", ELEMENTS, r_max=R_MAX)
+    chunking = EdgeChunking(model, "auto", "cpu")
+    weight_numel = sum(block.conv_tp.convolution.weight_numel for block in model.interactions)
+    assert chunking.kept_bytes_per_edge == 3 * 8 * weight_numel
+    chunking.memory_bytes = memory = 10**9
+    below = int(AUTO_CHUNKING_ABOVE * memory) // chunking.kept_bytes_per_edge
+    assert chunking.chunk_edges(below) is None
+    assert chunking.chunk_edges(below + 1) == max(
+        MIN_CHUNK_EDGES, int(AUTO_CHUNK_FRACTION * memory) // chunking.kept_bytes_per_edge)
+    assert EdgeChunking(copy.deepcopy(model), 100).chunk_edges(101) == 100
+    assert EdgeChunking(copy.deepcopy(model), 100).chunk_edges(100) is None
+    untouched = build_architecture("plain-first", ELEMENTS, r_max=R_MAX)
+    assert EdgeChunking(untouched, None).chunk_edges(10**12) is None
+    assert not any(isinstance(block.conv_tp, ChunkedConvolution)
+                   for block in untouched.interactions)
+
+
+@pytest.mark.parametrize("setting", [0, -5, 2.5, True, "always"])
+def test_bad_chunk_sizes_are_refused_by_name(setting, tiny_model_factory):
+    with pytest.raises(CalculatorSetupError, match="edge_chunk_size must be"):
+        LowPrecisionMACECalculator(models=tiny_model_factory(), device="cpu",
+                                   fast_path=True, edge_chunk_size=setting)
+
+
+def test_a_convolution_without_its_weights_call_is_refused():
+    model = build_architecture("plain-first", ELEMENTS, r_max=R_MAX)
+    convolution = defer_convolution_weights(model)[0]
+    with pytest.raises(RuntimeError, match="right after its block's DeferredRadialWeights"):
+        convolution(torch.zeros(3, 4), torch.zeros(5, 9), torch.ones(5, 1))
+
+
+def test_calculator_records_the_setting_and_chunks_large_calls(tiny_model_factory):
+    atoms = _water()
+    plain = LowPrecisionMACECalculator(models=tiny_model_factory(), device="cpu",
+                                       policy="fp64", fast_path=True, edge_chunk_size=None)
+    chunked = LowPrecisionMACECalculator(models=tiny_model_factory(), device="cpu",
+                                         policy="fp64", fast_path=True, edge_chunk_size=64)
+    assert chunked.parameters["edge_chunk_size"] == 64
+    forces = [calc.get_forces(atoms.copy()) for calc in (plain, chunked)]
+    assert chunked.engine.edge_chunking.chunk_edges(chunked.engine.edge_capacity) == 64
+    np.testing.assert_allclose(forces[1], forces[0], rtol=0, atol=1e-10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fused_convolution_chunked_in_a_graph_matches_unchunked():
+    atoms = water_box(64, seed=4)
+    atoms.rattle(0.02, seed=5)
+    results = {}
+    for setting in (None, 2000):
+        calc = LowPrecisionMACECalculator(
+            models=build_architecture("plain-first", (1, 8), r_max=5.0, size="off24m",
+                                      dtype=torch.float32),
+            device="cuda", policy="fp32", compile_model=False, edge_chunk_size=setting)
+        results[setting] = (calc.get_potential_energy(atoms.copy()), calc.get_forces(),
+                            calc.engine.last_call_replayed_graph)
+        fused = [hasattr(block.conv_tp, "convolution")
+                 and hasattr(block.conv_tp.convolution, compat.CUEQ_FUSION_MARKER)
+                 for block in calc.engine.model.interactions]
+    assert all(fused) and results[2000][2]
+    assert abs(results[2000][0] - results[None][0]) < 1e-4 * len(atoms)
+    np.testing.assert_allclose(results[2000][1], results[None][1], rtol=0, atol=2e-4)

@@ -1,0 +1,66 @@
+"""The scaling benchmark: rows measured, resumed, tabulated and plotted; the README's table
+is the command's output for the committed result."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mace_lpcalc.perf import scaling
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _row(policy, n_atoms, setting, ms, gb, chunk=None):
+    return {"policy": policy, "edge_chunk_size": setting, "n_atoms": n_atoms,
+            "n_edges": 30 * n_atoms, "chunk_edges": chunk, "md_step_ms": ms,
+            "us_per_atom_step": ms * 1e3 / n_atoms, "peak_memory_GB": gb,
+            "peak_kB_per_atom": gb * 2**20 / n_atoms, "fits": True}
+
+
+def test_table_gives_ratios_of_the_unchunked_twin_and_the_box_that_did_not_fit():
+    result = {"rows": [_row("fp32", 1000, "auto", 10.0, 2.0),
+                       _row("fp32", 1000, None, 9.0, 6.0),
+                       _row("fp32", 9000, "auto", 90.0, 4.0, chunk=65536),
+                       {"policy": "fp32", "edge_chunk_size": "auto", "n_atoms": 99000,
+                        "fits": False, "error": "CUDA out of memory"}]}
+    lines = scaling.markdown_table(result).splitlines()
+    assert len(lines) == 5
+    assert lines[2].endswith("| 0.90 / 3.00 |")  # the unchunked twin: 0.9x time, 3x memory
+    assert "| 65,536 |" in lines[3] and lines[3].endswith("|  |")
+    assert lines[4].startswith("| fp32 | 99,000 | out of memory |")
+
+
+def test_a_run_resumes_where_the_last_one_stopped(tmp_path):
+    out = tmp_path / "scaling.json"
+    arguments = ["run", "--device", "cpu", "--model", "tiny", "--policies", "fp32",
+                 "--sizes", "4", "8", "--unchunked-up-to", "4", "--out", str(out)]
+    scaling.main(arguments + ["--max-wall-s", "0"])  # one row, then out of time
+    first = json.loads(out.read_text())["rows"]
+    assert [(r["n_atoms"], r["edge_chunk_size"]) for r in first] == [(12, "auto")]
+    scaling.main(arguments)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["n_atoms"], r["edge_chunk_size"]) for r in rows] == [
+        (12, "auto"), (12, None), (24, "auto")]
+    assert rows[0] == first[0]  # kept, not measured again
+    assert all(r["fits"] and r["md_step_ms"] > 0 and r["n_edges"] > 0 for r in rows)
+
+
+def test_plot_is_written(tmp_path):
+    result = {"model": "off24m", "gpu": "test", "device": "cuda",
+              "rows": [_row("fp32", 1000, "auto", 10.0, 2.0), _row("fp32", 9000, "auto", 80.0, 9.0),
+                       _row("fp32", 1000, None, 9.0, 6.0)]}
+    path = tmp_path / "scaling.png"
+    scaling.plot(result, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _committed_results():
+    return sorted((ROOT / "bench" / "results").glob("*_scaling_water.json"))
+
+
+@pytest.mark.parametrize("path", _committed_results(), ids=lambda path: path.name)
+def test_readme_table_is_the_command_output_for_the_committed_result(path):
+    table = scaling.markdown_table(json.loads(path.read_text()))
+    assert table in (ROOT / "README.md").read_text(), (
+        f"regenerate the README's table: python -m mace_lpcalc.perf.scaling table {path.relative_to(ROOT)}")
