@@ -45,7 +45,9 @@ _PENDING = contextvars.ContextVar("mace_lpcalc_pending_radial_features", default
 #: of the device's memory for the backward pass ...
 AUTO_CHUNKING_ABOVE = 0.2
 #: ... in chunks whose weights take about this fraction of it, and never fewer edges.
-AUTO_CHUNK_FRACTION, MIN_CHUNK_EDGES = 1 / 128, 16_384
+#: Not smaller: every chunk of a fused convolution writes node-sized messages and
+#: gradients, so the node arrays are read and written once per chunk.
+AUTO_CHUNK_FRACTION, MIN_CHUNK_EDGES = 1 / 16, 16_384
 
 
 @contextlib.contextmanager
@@ -106,18 +108,18 @@ class ChunkedConvolution(torch.nn.Module):
         fused = edge_index is not None
         parts = []
         convolve = functools.partial(self._convolve, deferred.radial_mlp)
+        messages = None
         for start in range(0, n_edges, size):
             edges = slice(start, start + size)
-            parts.append(_RecomputedChunk.apply(
+            part = _RecomputedChunk.apply(
                 convolve, node_feats if fused else node_feats[edges], edge_attrs[edges],
                 radial_features[edges], None if scale is None else scale[edges],
-                edge_index[:, edges] if fused else None))
-        if not fused:
-            return torch.cat(parts)
-        messages = parts[0]
-        for part in parts[1:]:
-            messages = messages + part
-        return messages
+                edge_index[:, edges] if fused else None)
+            if not fused:
+                parts.append(part)
+            else:  # summed as they come: each chunk's node messages are as large as all's
+                messages = part if messages is None else messages + part
+        return torch.cat(parts) if not fused else messages
 
     def _trains(self, deferred: DeferredRadialWeights) -> bool:
         """Whether parameter gradients are wanted, which chunks do not compute (they run whole)."""

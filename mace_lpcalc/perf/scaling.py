@@ -54,9 +54,9 @@ def measure(policy: str, n_molecules: int, *, model_spec: str, device: str,
     MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
     dynamics = Langevin(atoms, timestep=1.0 * units.fs, temperature_K=300, friction=0.01,
                         rng=np.random.default_rng(0))
-    block = 20 if n_atoms < 50_000 else 4  # steps per sample: rebuilds are part of them
+    block = 20 if n_atoms < 20_000 else 4  # steps per sample: rebuilds are part of them
     step_ms = median_ms(lambda: dynamics.run(block), device, warmup=1,
-                        repeats=5 if n_atoms < 50_000 else 3) / block
+                        repeats=5 if n_atoms < 20_000 else 3) / block
     engine = calc.engine
     peak_mb = peak_memory_mb(device)
     row = {"policy": policy, "edge_chunk_size": edge_chunk_size, "n_atoms": n_atoms,
