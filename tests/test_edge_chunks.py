@@ -114,7 +114,7 @@ def test_auto_chunks_only_where_the_memory_is_needed():
     model = build_architecture("plain-first", ELEMENTS, r_max=R_MAX)
     chunking = EdgeChunking(model, "auto", "cpu")
     weight_numel = sum(block.conv_tp.convolution.weight_numel for block in model.interactions)
-    assert chunking.kept_bytes_per_edge == 3 * 8 * weight_numel
+    assert chunking.kept_bytes_per_edge == 2 * 8 * weight_numel
     chunking.memory_bytes = memory = 10**9
     below = int(AUTO_CHUNKING_ABOVE * memory) // chunking.kept_bytes_per_edge
     assert chunking.chunk_edges(below) is None

@@ -21,7 +21,8 @@ hands ``conv_tp_weights``' output, times the cutoff, to ``conv_tp`` and nowhere 
 
 Outside :func:`convolution_chunks` the pair computes what mace's block computes, in one
 piece and with the same operations, so the modules are faithful replacements anywhere.
-Chunking costs one more radial-MLP pass per edge in the backward pass and changes only the
+Chunking recomputes each chunk's weights and convolution in the backward pass, and every
+chunk of a fused convolution reads and writes node-sized arrays; it changes only the
 order in which messages are summed. :class:`EdgeChunking` decides when a call chunks
 (:class:`mace_lpcalc.fastpath.engine.MACEEngine` asks it at every capacity).
 """
@@ -41,13 +42,15 @@ _CHUNK_EDGES = contextvars.ContextVar("mace_lpcalc_convolution_chunk_edges", def
 #: call to the convolution that follows it in the same block (and thread).
 _PENDING = contextvars.ContextVar("mace_lpcalc_pending_radial_features", default=None)
 
-#: ``"auto"`` chunks where the unchunked convolutions would keep more than this fraction
-#: of the device's memory for the backward pass ...
-AUTO_CHUNKING_ABOVE = 0.2
+#: ``"auto"`` chunks only where the unchunked convolutions would keep more than this
+#: fraction of the device's memory for the backward pass: chunking costs time (1.6x per
+#: step at 41 472 water atoms on an H100, bench/results/h100_scaling_water.json), so it is
+#: for boxes that would not fit otherwise ...
+AUTO_CHUNKING_ABOVE = 0.7
 #: ... in chunks whose weights take about this fraction of it, and never fewer edges.
 #: Not smaller: every chunk of a fused convolution writes node-sized messages and
 #: gradients, so the node arrays are read and written once per chunk.
-AUTO_CHUNK_FRACTION, MIN_CHUNK_EDGES = 1 / 16, 16_384
+AUTO_CHUNK_FRACTION, MIN_CHUNK_EDGES = 1 / 24, 16_384
 
 
 @contextlib.contextmanager
@@ -221,10 +224,11 @@ class EdgeChunking:
         self.setting = setting
         convolutions = defer_convolution_weights(model) if setting is not None else []
         self.chunkable = bool(convolutions)
-        # Estimated: each edge's weights kept twice, and the radial MLP's activations
-        # (at most about as many again for mace's MLP widths).
+        # Each edge's weights, kept twice (for the product with the cutoff and for the
+        # convolution): 14.3 kB an edge slot for MACE-OFF24(M) at fp32, where unchunked
+        # peaks measured 14.1-15.1 kB (h100_scaling_water.json, 5 184 and 41 472 atoms).
         itemsize = next(model.parameters()).element_size()
-        self.kept_bytes_per_edge = 3 * itemsize * sum(
+        self.kept_bytes_per_edge = 2 * itemsize * sum(
             int(getattr(conv.convolution, "weight_numel", 0)) for conv in convolutions)
         self.memory_bytes = device_memory_bytes(torch.device(device)) if setting == "auto" else 0
 

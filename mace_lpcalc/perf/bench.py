@@ -16,7 +16,6 @@ import argparse
 import datetime
 import gc
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -233,37 +232,6 @@ def _steps_while_compiling(calc, atoms, compiled, device, start) -> dict:
             "langevin_step_ms_while_compiling": statistics.median(samples) if samples else None}
 
 
-def largest_water_box(*, model_spec: str, device: str, sizes: list[int], policies: list[str],
-                      backend: str) -> dict:
-    """Per policy, evaluate growing water boxes until one no longer fits in device memory."""
-    rows = []
-    for policy in policies:
-        for n_molecules in sorted(sizes):
-            atoms = water_box(n_molecules, seed=0)
-            reset_peak_memory(device)
-            row = {"policy": policy, "backend": backend, "n_atoms": len(atoms)}
-            try:
-                calc = LowPrecisionMACECalculator(models=make_model(model_spec), device=device,
-                                                  policy=policy, backend=backend,
-                                                  compile_model=False)
-                row["energy_forces_ms"] = median_ms(energy_forces_call(calc, atoms), device,
-                                                    warmup=1, repeats=3)
-                row["fits"] = True
-                row["peak_memory_MB"] = peak_memory_mb(device)
-            except torch.cuda.OutOfMemoryError as err:
-                row.update(fits=False, error=str(err).splitlines()[0][:200])
-            calc = None
-            rows.append(row)
-            print(row, flush=True)
-            if not row["fits"]:
-                break
-    return {"benchmark": "largest water box per policy", "model": model_spec, "device": device,
-            "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
-            "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "versions": package_versions() | {"cuda": torch.version.cuda}, "rows": rows}
-
-
 def _add_speedups(rows: list[dict]) -> None:
     """Ratios against each baseline at the same size, and ns/day, MeSteps/day at 1 fs."""
     rows = [row for row in rows if "error" not in row]
@@ -333,9 +301,6 @@ def main(argv=None) -> None:
                         help="Langevin steps per timed sample on the fast path")
     parser.add_argument("--compile", choices=("off", "on", "both"), default="off",
                         help="time our calculator with compile_model off, on, or both")
-    parser.add_argument("--largest-box", action="store_true",
-                        help="instead: per policy, grow the box through --sizes until it "
-                             "no longer fits in memory (first backend only)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--table", type=Path, nargs="+",
                         help="instead: print Markdown tables of these result files")
@@ -347,18 +312,14 @@ def main(argv=None) -> None:
                            for row in json.loads(Path(path).read_text())["rows"]]}
         print(markdown_table(merged, args.column))
         return
-    if args.largest_box:
-        result = largest_water_box(model_spec=args.model, device=args.device, sizes=args.sizes,
-                                   policies=args.policies, backend=args.backends[0])
-    else:
-        result = run_benchmark(model_spec=args.model, device=args.device, sizes=args.sizes,
-                               policies=args.policies, backends=args.backends,
-                               warmup=args.warmup, repeats=args.repeats,
-                               langevin=not args.no_langevin, baselines=() if args.no_baselines else args.baselines,
-                               fast_path=False if args.no_fast_path else "auto",
-                               skins=args.skins, langevin_block=args.langevin_block,
-                               compile_modes={"off": (False,), "on": (True,),
-                                              "both": (False, True)}[args.compile])
+    result = run_benchmark(model_spec=args.model, device=args.device, sizes=args.sizes,
+                           policies=args.policies, backends=args.backends,
+                           warmup=args.warmup, repeats=args.repeats,
+                           langevin=not args.no_langevin, baselines=() if args.no_baselines else args.baselines,
+                           fast_path=False if args.no_fast_path else "auto",
+                           skins=args.skins, langevin_block=args.langevin_block,
+                           compile_modes={"off": (False,), "on": (True,),
+                                          "both": (False, True)}[args.compile])
     if args.out:
         write_json(args.out, result)
 
