@@ -65,13 +65,14 @@ def test_chunked_convolutions_give_mace_s_energy_forces_and_stress(architecture)
     atoms = _water()
     original = build_architecture(architecture, ELEMENTS, r_max=R_MAX)
     reference = _evaluate(_engine(copy.deepcopy(original), edge_chunk_size=None), atoms)
-    unchunked_engine = _engine(copy.deepcopy(original), edge_chunk_size=10**9)
-    assert all(isinstance(block.conv_tp, ChunkedConvolution)
-               for block in unchunked_engine.model.interactions)
-    unchunked = _evaluate(unchunked_engine, atoms)
+    deferred = copy.deepcopy(original)
+    assert len(defer_convolution_weights(deferred)) == len(deferred.interactions)
+    unchunked = _evaluate(_engine(deferred, edge_chunk_size=None), atoms)
     chunked_engine = _engine(copy.deepcopy(original), edge_chunk_size=97)
     chunked = _evaluate(chunked_engine, atoms)
     assert chunked_engine.edge_capacity > 5 * 97  # several chunks, the last one shorter
+    assert all(isinstance(block.conv_tp, ChunkedConvolution)
+               for block in chunked_engine.model.interactions)
     for key in ("energy", "forces", "stress"):
         np.testing.assert_allclose(unchunked[key], reference[key], rtol=0, atol=1e-12)
         np.testing.assert_allclose(chunked[key], reference[key], rtol=0, atol=1e-10)
@@ -113,13 +114,15 @@ def test_chunking_halves_what_the_backward_pass_keeps():
 def test_auto_chunks_only_where_the_memory_is_needed():
     model = build_architecture("plain-first", ELEMENTS, r_max=R_MAX)
     chunking = EdgeChunking(model, "auto", "cpu")
-    weight_numel = sum(block.conv_tp.convolution.weight_numel for block in model.interactions)
+    weight_numel = sum(block.conv_tp.weight_numel for block in model.interactions)
     assert chunking.kept_bytes_per_edge == 2 * 8 * weight_numel
     chunking.memory_bytes = memory = 10**9
     below = int(AUTO_CHUNKING_ABOVE * memory) // chunking.kept_bytes_per_edge
     assert chunking.chunk_edges(below) is None
+    assert not isinstance(model.interactions[0].conv_tp, ChunkedConvolution)  # untouched
     assert chunking.chunk_edges(below + 1) == max(
         MIN_CHUNK_EDGES, int(AUTO_CHUNK_FRACTION * memory) // chunking.kept_bytes_per_edge)
+    assert all(isinstance(block.conv_tp, ChunkedConvolution) for block in model.interactions)
     assert EdgeChunking(copy.deepcopy(model), 100).chunk_edges(101) == 100
     assert EdgeChunking(copy.deepcopy(model), 100).chunk_edges(100) is None
     untouched = build_architecture("plain-first", ELEMENTS, r_max=R_MAX)

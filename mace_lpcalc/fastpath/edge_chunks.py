@@ -174,16 +174,21 @@ class _RecomputedChunk(torch.autograd.Function):
         return tuple(result)
 
 
+def _chunkable_interactions(model: torch.nn.Module):
+    """Interactions of the block classes whose forward the pair relies on."""
+    for interaction in getattr(model, "interactions", ()):
+        kind = type(interaction)
+        if (kind.__module__ == compat.MACE_BLOCKS_MODULE
+                and kind.__name__ in compat.WEIGHTS_TO_CONVOLUTION_BLOCKS):
+            yield interaction
+
+
 def defer_convolution_weights(model: torch.nn.Module) -> list[ChunkedConvolution]:
     """Give every interaction of a known block class a :class:`DeferredRadialWeights` and
     :class:`ChunkedConvolution` pair, in place; returns the convolutions (already converted
     ones included). Other interactions are left as they are (they never chunk)."""
     convolutions = []
-    for interaction in getattr(model, "interactions", ()):
-        kind = type(interaction)
-        if (kind.__module__ != compat.MACE_BLOCKS_MODULE
-                or kind.__name__ not in compat.WEIGHTS_TO_CONVOLUTION_BLOCKS):
-            continue
+    for interaction in _chunkable_interactions(model):
         if not isinstance(interaction.conv_tp, ChunkedConvolution):
             interaction.conv_tp_weights = DeferredRadialWeights(interaction.conv_tp_weights)
             interaction.conv_tp = ChunkedConvolution(interaction.conv_tp)
@@ -210,8 +215,8 @@ class EdgeChunking:
     """When a model's calls chunk their convolutions, and in how many edges.
 
     Args:
-        model: converted in place by :func:`defer_convolution_weights` (unless ``setting``
-            is None).
+        model: converted in place by :func:`defer_convolution_weights` when a call first
+            needs chunks (a model that never does stays exactly as it was).
         setting: None: never chunk; a positive int: chunks of at most that many edges;
             ``"auto"``: chunk only where the unchunked convolutions would keep more than
             :data:`AUTO_CHUNKING_ABOVE` of the device's memory, then in chunks whose
@@ -221,20 +226,29 @@ class EdgeChunking:
 
     def __init__(self, model: torch.nn.Module, setting="auto", device="cpu"):
         check_edge_chunk_size(setting)
-        self.setting = setting
-        convolutions = defer_convolution_weights(model) if setting is not None else []
-        self.chunkable = bool(convolutions)
+        self.model, self.setting, self.converted = model, setting, False
+        convolutions = [getattr(block.conv_tp, "convolution", block.conv_tp)
+                        for block in _chunkable_interactions(model)]
+        self.chunkable = bool(convolutions) and setting is not None
         # Each edge's weights, kept twice (for the product with the cutoff and for the
         # convolution): 14.3 kB an edge slot for MACE-OFF24(M) at fp32, where unchunked
         # peaks measured 14.1-15.1 kB (h100_scaling_water.json, 5 184 and 41 472 atoms).
         itemsize = next(model.parameters()).element_size()
         self.kept_bytes_per_edge = 2 * itemsize * sum(
-            int(getattr(conv.convolution, "weight_numel", 0)) for conv in convolutions)
+            int(getattr(conv, "weight_numel", 0)) for conv in convolutions)
         self.memory_bytes = device_memory_bytes(torch.device(device)) if setting == "auto" else 0
 
     def chunk_edges(self, n_edges: int) -> int | None:
-        """The chunk size for calls with ``n_edges`` edge slots; None: do not chunk."""
-        if not self.chunkable or self.setting is None:
+        """The chunk size for calls with ``n_edges`` edge slots (None: do not chunk),
+        converting the model the first time one is needed."""
+        chunk_edges = self._chunk_edges(n_edges)
+        if chunk_edges is not None and not self.converted:
+            defer_convolution_weights(self.model)
+            self.converted = True
+        return chunk_edges
+
+    def _chunk_edges(self, n_edges: int) -> int | None:
+        if not self.chunkable:
             return None
         if self.setting != "auto":
             return self.setting if n_edges > self.setting else None
