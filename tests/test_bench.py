@@ -61,15 +61,6 @@ def test_a_failing_configuration_is_recorded_not_fatal(monkeypatch, tmp_path):
     assert rows["ours-e3nn-fp32"]["energy_forces_ms"] > 0
 
 
-def test_largest_box_json(tmp_path):
-    out = tmp_path / "largest.json"
-    bench.main(["--device", "cpu", "--model", "tiny", "--sizes", "2", "4", "--policies", "fp32",
-                "--backends", "e3nn", "--largest-box", "--out", str(out)])
-    rows = json.loads(out.read_text())["rows"]
-    assert [row["n_atoms"] for row in rows] == [6, 12]
-    assert all(row["fits"] and row["energy_forces_ms"] > 0 for row in rows)
-
-
 def test_setup_time_splits_the_first_step_of_a_first_and_a_second_calculator(
         monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(compiled, "compile_graph", lambda graph, inputs: graph)
