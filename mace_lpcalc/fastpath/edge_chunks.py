@@ -232,7 +232,7 @@ class EdgeChunking:
         self.chunkable = bool(convolutions) and setting is not None
         # Each edge's weights, kept twice (for the product with the cutoff and for the
         # convolution): 14.3 kB an edge slot for MACE-OFF24(M) at fp32, where unchunked
-        # peaks measured 14.1-15.1 kB (h100_scaling_water.json, 5 184 and 41 472 atoms).
+        # peaks measured 15.2-16.2 kB (h100_scaling_water.json, 5 184 and 41 472 atoms).
         itemsize = next(model.parameters()).element_size()
         self.kept_bytes_per_edge = 2 * itemsize * sum(
             int(getattr(conv, "weight_numel", 0)) for conv in convolutions)
