@@ -13,6 +13,7 @@ It also fixes the import order the other modules rely on: mace before e3nn.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from importlib import metadata
@@ -188,7 +189,8 @@ def _resolves_cueq_kernel_fields() -> bool:
     return set(CUEQ_KERNEL_DTYPE_FIELDS) <= assigned
 
 
-def _weights_reach_only_the_convolution() -> bool:
+@functools.cache
+def weights_reach_only_the_convolution() -> bool:
     """Every line of those blocks' forwards that names ``tp_weights`` is one of the three
     the edge-chunked convolution expects (made, scaled by the cutoff, convolved)."""
     import importlib
@@ -222,6 +224,6 @@ SHIMS = {
     "mace with_cueq_conv_fusion": lambda: callable(with_cueq_conv_fusion),
     "mace MACECalculator._atoms_to_batch": lambda: callable(MACECalculator._atoms_to_batch),
     "cuequivariance kernel dtype fields": _resolves_cueq_kernel_fields,
-    "mace blocks: conv_tp_weights reach only conv_tp": _weights_reach_only_the_convolution,
+    "mace blocks: conv_tp_weights reach only conv_tp": weights_reach_only_the_convolution,
     "ase IsotropicMTKNPT state": _resolves_mtk_state,
 }

@@ -138,23 +138,63 @@ def test_bad_chunk_sizes_are_refused_by_name(setting, tiny_model_factory):
                                    fast_path=True, edge_chunk_size=setting)
 
 
-def test_a_convolution_without_its_weights_call_is_refused():
+def test_a_convolution_without_its_own_weights_call_is_refused():
     model = build_architecture("plain-first", ELEMENTS, r_max=R_MAX)
-    convolution = defer_convolution_weights(model)[0]
+    first, second = defer_convolution_weights(model)
     with pytest.raises(RuntimeError, match="right after its block's DeferredRadialWeights"):
-        convolution(torch.zeros(3, 4), torch.zeros(5, 9), torch.ones(5, 1))
+        first(torch.zeros(3, 4), torch.zeros(5, 9), torch.ones(5, 1))
+    model.interactions[1].conv_tp_weights(torch.zeros(5, 8))  # the other block's weights
+    with pytest.raises(RuntimeError, match="right after its block's DeferredRadialWeights"):
+        first(torch.zeros(3, 4), torch.zeros(5, 9), torch.ones(5, 1))
+    assert copy.deepcopy(model).interactions[1].conv_tp.partner is not second.partner
 
 
-def test_calculator_records_the_setting_and_chunks_large_calls(tiny_model_factory):
+@pytest.mark.parametrize("policy, tolerance", [("fp64", 1e-10), ("fp32-linear-bf16", 1e-4),
+                                               ("bf16", 1e-2)])
+def test_calculator_chunks_large_calls_under_every_kind_of_policy(tiny_model_factory, policy,
+                                                                  tolerance):
+    """16-bit Linear wrappers and the bf16 policy's autocast regions are chunked too; the
+    tolerance is each policy's rounding (the chunks sum in another order)."""
     atoms = _water()
     plain = LowPrecisionMACECalculator(models=tiny_model_factory(), device="cpu",
-                                       policy="fp64", fast_path=True, edge_chunk_size=None)
+                                       policy=policy, fast_path=True, edge_chunk_size=None)
     chunked = LowPrecisionMACECalculator(models=tiny_model_factory(), device="cpu",
-                                         policy="fp64", fast_path=True, edge_chunk_size=64)
+                                         policy=policy, fast_path=True, edge_chunk_size=64)
     assert chunked.parameters["edge_chunk_size"] == 64
     forces = [calc.get_forces(atoms.copy()) for calc in (plain, chunked)]
-    assert chunked.engine.edge_chunking.chunk_edges(chunked.engine.edge_capacity) == 64
-    np.testing.assert_allclose(forces[1], forces[0], rtol=0, atol=1e-10)
+    assert chunked.engine.edge_chunking.last_chunk_edges == 64
+    assert sum(isinstance(module, ChunkedConvolution)
+               for module in chunked.engine.model.modules()) == 2
+    # mace's unchunked path would not fit a box that needs chunks: the check is skipped.
+    assert "not checked against mace's path" in chunked.parameters["fast_path_status"]
+    np.testing.assert_allclose(forces[1], forces[0], rtol=0,
+                               atol=tolerance * np.abs(forces[0]).max())
+
+
+def test_a_second_derivative_through_chunks_raises_instead_of_being_wrong():
+    model = build_architecture("plain-first", ELEMENTS, r_max=R_MAX)
+    model.requires_grad_(False)
+    defer_convolution_weights(model)
+    interaction = model.interactions[0]
+    features = torch.rand(50, model.radial_embedding.out_dim, dtype=torch.float64,
+                          requires_grad=True)
+    attrs = torch.rand(50, 9, dtype=torch.float64)
+    sender_feats = torch.rand(50, interaction.conv_tp.convolution.irreps_in1.dim,
+                              dtype=torch.float64)
+    with convolution_chunks(16):
+        interaction.conv_tp_weights(features)
+        messages = interaction.conv_tp(sender_feats, attrs, torch.ones(50, 1))
+    (gradient,) = torch.autograd.grad(messages.square().sum(), features, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
+        torch.autograd.grad(gradient.sum(), features)
+
+
+def test_a_mace_whose_blocks_no_longer_fit_is_not_chunked(monkeypatch):
+    monkeypatch.setattr(compat, "weights_reach_only_the_convolution", lambda: False)
+    model = build_architecture("plain-first", ELEMENTS, r_max=R_MAX)
+    with pytest.warns(RuntimeWarning, match="convolutions are not chunked"):
+        assert EdgeChunking(model, 8).chunk_edges(100) is None
+    assert not any(isinstance(module, ChunkedConvolution) for module in model.modules())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -46,6 +46,20 @@ def test_a_run_resumes_where_the_last_one_stopped(tmp_path):
     assert all(r["fits"] and r["md_step_ms"] > 0 and r["n_edges"] > 0 for r in rows)
 
 
+def test_rows_of_another_auto_rule_are_measured_again_and_the_newest_counts(tmp_path):
+    out = tmp_path / "scaling.json"
+    arguments = ["run", "--device", "cpu", "--model", "tiny", "--policies", "fp32",
+                 "--sizes", "4", "--out", str(out)]
+    scaling.main(arguments)
+    result = json.loads(out.read_text())
+    result["rows"][0].update(auto_rule={"above": 0.2}, md_step_ms=1e6)
+    out.write_text(json.dumps(result))
+    scaling.main(arguments)
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 and rows[1]["auto_rule"] == scaling.AUTO_RULE
+    assert "1000000.0" not in scaling.markdown_table({"rows": rows})
+
+
 def test_plot_is_written(tmp_path):
     result = {"model": "off24m", "gpu": "test", "device": "cuda",
               "rows": [_row("fp32", 1000, "auto", 10.0, 2.0), _row("fp32", 9000, "auto", 80.0, 9.0),

@@ -33,9 +33,14 @@ import contextlib
 import contextvars
 import functools
 import os
+import warnings
 
 from mace_lpcalc import compat
 import torch
+from torch.autograd.function import once_differentiable
+
+from mace_lpcalc.fastpath.compiled import DEVICE_WORK_LOCK
+from mace_lpcalc.precision.casting import AutocastRegion
 
 _CHUNK_EDGES = contextvars.ContextVar("mace_lpcalc_convolution_chunk_edges", default=None)
 #: (DeferredRadialWeights, its radial features, the ones it returned), from the weights
@@ -51,6 +56,14 @@ AUTO_CHUNKING_ABOVE = 0.7
 #: Not smaller: every chunk of a fused convolution writes node-sized messages and
 #: gradients, so the node arrays are read and written once per chunk.
 AUTO_CHUNK_FRACTION, MIN_CHUNK_EDGES = 1 / 24, 16_384
+#: Copies of each edge's weights the unchunked backward pass keeps (for the product with
+#: the cutoff and for the convolution): 14.3 kB an edge slot for MACE-OFF24(M) at fp32,
+#: where unchunked peaks measured 15.2-16.3 kB (h100_scaling_water.json, 5 184 and 41 472
+#: atoms).
+KEPT_WEIGHT_COPIES = 2
+#: The rule ``"auto"`` follows, as benchmarks record it beside what they measured.
+AUTO_RULE = {"above": AUTO_CHUNKING_ABOVE, "chunk_fraction": AUTO_CHUNK_FRACTION,
+             "kept_weight_copies": KEPT_WEIGHT_COPIES}
 
 
 @contextlib.contextmanager
@@ -90,14 +103,18 @@ class ChunkedConvolution(torch.nn.Module):
     those ones themselves where the block has no cutoff.
     """
 
-    def __init__(self, convolution: torch.nn.Module):
+    def __init__(self, convolution: torch.nn.Module, partner: DeferredRadialWeights):
         super().__init__()
         self.convolution = convolution
+        # Not a submodule (its parameters belong to the block's conv_tp_weights); deepcopy
+        # maps it to the copied partner.
+        object.__setattr__(self, "partner", partner)
 
     def forward(self, node_feats, edge_attrs, factor, edge_index=None):
         pending = _PENDING.get()
         _PENDING.set(None)
-        if pending is None or pending[1].shape[0] != edge_attrs.shape[0]:
+        if (pending is None or pending[0] is not self.partner
+                or pending[1].shape[0] != edge_attrs.shape[0]):
             raise RuntimeError("ChunkedConvolution must be called right after its block's "
                                "DeferredRadialWeights, on the same edges")
         deferred, radial_features, ones = pending
@@ -142,8 +159,8 @@ class ChunkedConvolution(torch.nn.Module):
 class _RecomputedChunk(torch.autograd.Function):
     """One chunk's convolution; its backward recomputes the chunk from its inputs.
 
-    First derivatives only (forces, stress), with respect to the tensor inputs; the
-    forward's autocast state is restored for the recomputation.
+    First derivatives only (forces, stress), with respect to the tensor inputs: a second
+    raises. The forward's autocast state is restored for the recomputation.
     """
 
     @staticmethod
@@ -156,6 +173,7 @@ class _RecomputedChunk(torch.autograd.Function):
         return convolve(node_feats, edge_attrs, radial_features, scale, edge_index)
 
     @staticmethod
+    @once_differentiable  # a second derivative through a chunk would silently be wrong
     def backward(ctx, grad_messages):
         inputs = list(ctx.saved_tensors)
         wanted = [index for index in range(4)
@@ -175,8 +193,11 @@ class _RecomputedChunk(torch.autograd.Function):
 
 
 def _chunkable_interactions(model: torch.nn.Module):
-    """Interactions of the block classes whose forward the pair relies on."""
+    """Interactions of the block classes whose forward the pair relies on (inside the
+    ``bf16`` policy's autocast wrappers too)."""
     for interaction in getattr(model, "interactions", ()):
+        if isinstance(interaction, AutocastRegion):
+            interaction = interaction.module
         kind = type(interaction)
         if (kind.__module__ == compat.MACE_BLOCKS_MODULE
                 and kind.__name__ in compat.WEIGHTS_TO_CONVOLUTION_BLOCKS):
@@ -186,12 +207,20 @@ def _chunkable_interactions(model: torch.nn.Module):
 def defer_convolution_weights(model: torch.nn.Module) -> list[ChunkedConvolution]:
     """Give every interaction of a known block class a :class:`DeferredRadialWeights` and
     :class:`ChunkedConvolution` pair, in place; returns the convolutions (already converted
-    ones included). Other interactions are left as they are (they never chunk)."""
+    ones included). Other interactions are left as they are (they never chunk), and so is
+    every one, with a warning, where the installed mace's block source no longer reads as
+    the pair expects (:func:`mace_lpcalc.compat.weights_reach_only_the_convolution`)."""
+    if not compat.weights_reach_only_the_convolution():
+        warnings.warn("mace's interaction blocks no longer hand conv_tp_weights to conv_tp "
+                      "alone as this version of mace_lpcalc expects: convolutions are not "
+                      "chunked", RuntimeWarning, stacklevel=2)
+        return []
     convolutions = []
     for interaction in _chunkable_interactions(model):
         if not isinstance(interaction.conv_tp, ChunkedConvolution):
-            interaction.conv_tp_weights = DeferredRadialWeights(interaction.conv_tp_weights)
-            interaction.conv_tp = ChunkedConvolution(interaction.conv_tp)
+            deferred = DeferredRadialWeights(interaction.conv_tp_weights)
+            interaction.conv_tp_weights = deferred
+            interaction.conv_tp = ChunkedConvolution(interaction.conv_tp, deferred)
         convolutions.append(interaction.conv_tp)
     return convolutions
 
@@ -201,6 +230,15 @@ def device_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def available_bytes(device: torch.device) -> float:
+    """Memory a CUDA device can still give this process: free on the device plus what
+    torch's cache holds unused (inf for a CPU, whose total is the limit that counts)."""
+    if device.type != "cuda":
+        return float("inf")
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def check_edge_chunk_size(setting) -> None:
@@ -219,40 +257,46 @@ class EdgeChunking:
             needs chunks (a model that never does stays exactly as it was).
         setting: None: never chunk; a positive int: chunks of at most that many edges;
             ``"auto"``: chunk only where the unchunked convolutions would keep more than
-            :data:`AUTO_CHUNKING_ABOVE` of the device's memory, then in chunks whose
-            weights take about :data:`AUTO_CHUNK_FRACTION` of it.
+            :data:`AUTO_CHUNKING_ABOVE` of the device's memory (of its total, or of what
+            is still available when a size is first met), then in chunks whose weights
+            take about :data:`AUTO_CHUNK_FRACTION` of the total.
         device: whose memory ``"auto"`` reads.
     """
 
     def __init__(self, model: torch.nn.Module, setting="auto", device="cpu"):
         check_edge_chunk_size(setting)
         self.model, self.setting, self.converted = model, setting, False
+        self._decided: dict[int, int | None] = {}
+        #: The chunk size of the last call asked about (None: unchunked).
+        self.last_chunk_edges = None
         convolutions = [getattr(block.conv_tp, "convolution", block.conv_tp)
                         for block in _chunkable_interactions(model)]
         self.chunkable = bool(convolutions) and setting is not None
-        # Each edge's weights, kept twice (for the product with the cutoff and for the
-        # convolution): 14.3 kB an edge slot for MACE-OFF24(M) at fp32, where unchunked
-        # peaks measured 15.2-16.2 kB (h100_scaling_water.json, 5 184 and 41 472 atoms).
         itemsize = next(model.parameters()).element_size()
-        self.kept_bytes_per_edge = 2 * itemsize * sum(
+        self.kept_bytes_per_edge = KEPT_WEIGHT_COPIES * itemsize * sum(
             int(getattr(conv, "weight_numel", 0)) for conv in convolutions)
-        self.memory_bytes = device_memory_bytes(torch.device(device)) if setting == "auto" else 0
+        self.device = torch.device(device)
+        self.memory_bytes = device_memory_bytes(self.device) if setting == "auto" else 0
 
     def chunk_edges(self, n_edges: int) -> int | None:
         """The chunk size for calls with ``n_edges`` edge slots (None: do not chunk),
         converting the model the first time one is needed."""
-        chunk_edges = self._chunk_edges(n_edges)
+        if n_edges not in self._decided:  # once per capacity: free memory varies
+            self._decided[n_edges] = self._chunk_edges(n_edges)
+        chunk_edges = self.last_chunk_edges = self._decided[n_edges]
         if chunk_edges is not None and not self.converted:
-            defer_convolution_weights(self.model)
-            self.converted = True
-        return chunk_edges
+            with DEVICE_WORK_LOCK:  # a background compilation may be tracing the model
+                self.converted = bool(defer_convolution_weights(self.model))
+        return chunk_edges if self.converted else None
 
     def _chunk_edges(self, n_edges: int) -> int | None:
         if not self.chunkable:
             return None
         if self.setting != "auto":
             return self.setting if n_edges > self.setting else None
-        if self.kept_bytes_per_edge * n_edges <= AUTO_CHUNKING_ABOVE * self.memory_bytes:
+        kept_bytes = self.kept_bytes_per_edge * n_edges
+        if (kept_bytes <= AUTO_CHUNKING_ABOVE * self.memory_bytes
+                and kept_bytes <= AUTO_CHUNKING_ABOVE * available_bytes(self.device)):
             return None
         return max(MIN_CHUNK_EDGES,
                    int(AUTO_CHUNK_FRACTION * self.memory_bytes) // self.kept_bytes_per_edge)

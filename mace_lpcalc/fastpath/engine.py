@@ -119,7 +119,7 @@ class MACEEngine:
                  compile_model: bool = False, compile_in_background: bool = True,
                  reference_model: torch.nn.Module | None = None, edge_chunk_size="auto"):
         self.device = torch.device(device)
-        if use_cuda_graph not in ("auto", True, False):
+        if not (use_cuda_graph == "auto" or isinstance(use_cuda_graph, bool)):
             raise ValueError(
                 f"use_cuda_graph must be 'auto', True or False, got {use_cuda_graph!r}")
         if use_cuda_graph is True and self.device.type != "cuda":

@@ -12,8 +12,9 @@ of ASE Langevin steps (median of synchronised blocks, after a warm-up block). Up
 ``--unchunked-up-to`` molecules it also times the same box with ``edge_chunk_size=None``
 in the same process, so the cost and saving of chunking are ratios from one run. Sizes
 grow until one does not fit (the rest of that policy is skipped). The JSON is rewritten
-after every row; run again with the same ``--out`` and it measures only the rows missing,
-so a campaign can be built over several short GPU slots.
+after every row; run again with the same ``--out`` and it measures only the rows missing
+(or measured under another ``auto`` rule: each row records the rule it ran under), so a
+campaign can be built over several short GPU slots.
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ import json
 import os
 from pathlib import Path
 
-#: Row fields of the README table: (heading, key, format).
+from mace_lpcalc.fastpath.edge_chunks import AUTO_RULE
+
+#: Row fields of the README table: (heading, key, format). The JSON's ``peak_memory_GB``
+#: and ``peak_kB_per_atom`` are binary units (GiB, KiB), as torch reports memory.
 TABLE_COLUMNS = (("atoms", "n_atoms", "{:,}"), ("edges", "n_edges", "{:,}"),
                  ("chunks of", "chunk_edges", "{:,}"), ("ms/step", "md_step_ms", "{:.1f}"),
-                 ("µs/atom", "us_per_atom_step", "{:.2f}"), ("peak GB", "peak_memory_GB", "{:.1f}"),
-                 ("kB/atom", "peak_kB_per_atom", "{:.0f}"))
+                 ("µs/atom", "us_per_atom_step", "{:.2f}"), ("peak GiB", "peak_memory_GB", "{:.1f}"),
+                 ("KiB/atom", "peak_kB_per_atom", "{:.0f}"))
 
 
 def measure(policy: str, n_molecules: int, *, model_spec: str, device: str,
@@ -64,7 +68,7 @@ def measure(policy: str, n_molecules: int, *, model_spec: str, device: str,
            "chunk_edges": engine.edge_chunking.chunk_edges(engine.edge_capacity),
            "md_step_ms": step_ms, "steps_per_sample": block,
            "us_per_atom_step": step_ms * 1e3 / n_atoms,
-           "cuda_graph_replayed": engine.last_call_replayed_graph,
+           "cuda_graph_replayed": engine.last_call_replayed_graph, "auto_rule": AUTO_RULE,
            "backend": calc.parameters["backend"], "fits": True}
     if peak_mb is not None:
         row.update(peak_memory_GB=peak_mb / 1024, peak_kB_per_atom=peak_mb * 1024 / n_atoms,
@@ -100,10 +104,11 @@ def run(args) -> dict:
         result["rows"] = earlier["rows"]
     for policy in args.policies:
         for n_molecules in sorted(args.sizes):
-            mine = [r for r in result["rows"]
-                    if (r["policy"], r["n_atoms"]) == (policy, 3 * n_molecules)]
+            mine = [r for r in result["rows"] if r.get("auto_rule") == AUTO_RULE
+                    and (r["policy"], r["n_atoms"]) == (policy, 3 * n_molecules)]
             if any(not r["fits"] and r["edge_chunk_size"] == "auto" for r in result["rows"]
-                   if r["policy"] == policy and r["n_atoms"] <= 3 * n_molecules):
+                   if r["policy"] == policy and r["n_atoms"] <= 3 * n_molecules
+                   and r.get("auto_rule") == AUTO_RULE):
                 break  # a smaller box of this policy did not fit
             for setting in ["auto"] + ([None] if n_molecules <= args.unchunked_up_to else []):
                 if any(r["edge_chunk_size"] == setting for r in mine):
@@ -129,8 +134,10 @@ def run(args) -> dict:
 
 def markdown_table(result: dict) -> str:
     """The README's table: one row per policy and size, chunked by default (``auto``);
-    an unchunked twin of the same box adds its ms/step and peak as ratios."""
-    rows = [row for row in result["rows"] if row.get("fits")]
+    an unchunked twin of the same box adds its ms/step and peak as ratios. Where a box was
+    measured again (under a newer ``auto`` rule), the newest row counts."""
+    newest = {(r["policy"], r["n_atoms"], r["edge_chunk_size"]): r for r in result["rows"]}
+    rows = [row for row in newest.values() if row.get("fits")]
     lines = ["| policy | " + " | ".join(heading for heading, _, _ in TABLE_COLUMNS)
              + " | unchunked: time × / memory × |",
              "|---|" + "---:|" * (len(TABLE_COLUMNS) + 1)]
@@ -143,7 +150,7 @@ def markdown_table(result: dict) -> str:
             "—" if twin.get(key) is None else f"{twin[key] / row[key]:.2f}"
             for key in ("md_step_ms", "peak_memory_GB"))
         lines.append(f"| {row['policy']} | " + " | ".join(cells) + f" | {ratio} |")
-    misses = [r for r in result["rows"] if not r.get("fits") and r["edge_chunk_size"] == "auto"]
+    misses = [r for r in newest.values() if not r.get("fits") and r["edge_chunk_size"] == "auto"]
     for row in misses:
         lines.append(f"| {row['policy']} | {row['n_atoms']:,} | out of memory |"
                      + " |" * len(TABLE_COLUMNS))
@@ -174,7 +181,7 @@ def plot(result: dict, path: Path) -> None:
                 memory_axes.plot([r["n_atoms"] for r in measured],
                                  [r["peak_memory_GB"] for r in measured], color=colour,
                                  label=label, **style)
-    for axes, ylabel in ((time_axes, "ms per Langevin step"), (memory_axes, "peak GPU memory, GB")):
+    for axes, ylabel in ((time_axes, "ms per Langevin step"), (memory_axes, "peak GPU memory, GiB")):
         axes.set(xscale="log", yscale="log" if axes.has_data() else "linear",
                  xlabel="atoms (water)", ylabel=ylabel)
         axes.grid(True, which="both", alpha=0.3)
