@@ -215,3 +215,16 @@ def test_cuda_fused_convolution_chunked_in_a_graph_matches_unchunked():
     assert all(fused) and results[2000][2]
     assert abs(results[2000][0] - results[None][0]) < 1e-4 * len(atoms)
     np.testing.assert_allclose(results[2000][1], results[None][1], rtol=0, atol=2e-4)
+
+
+def test_a_compiled_engine_runs_its_chunked_calls_uncompiled():
+    """Compiling would need about the memory chunking saves: chunked calls bypass it."""
+    atoms = _water()
+    original = build_architecture("plain-first", ELEMENTS, r_max=R_MAX)
+    reference = _evaluate(_engine(copy.deepcopy(original), edge_chunk_size=None), atoms)
+    engine = _engine(copy.deepcopy(original), edge_chunk_size=64, compile_model=True,
+                     compile_in_background=False)
+    chunked = _evaluate(engine, atoms)
+    assert engine.edge_chunking.last_chunk_edges == 64
+    assert engine.compiled.n_compilations == 0
+    np.testing.assert_allclose(chunked["forces"], reference["forces"], rtol=0, atol=1e-10)
