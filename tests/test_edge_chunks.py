@@ -8,6 +8,7 @@ as what autograd keeps for the backward pass, which chunking exists to cut. The 
 """
 
 import copy
+import warnings
 
 import mace  # noqa: F401  -- before e3nn
 import numpy as np
@@ -192,8 +193,13 @@ def test_a_second_derivative_through_chunks_raises_instead_of_being_wrong():
 def test_a_mace_whose_blocks_no_longer_fit_is_not_chunked(monkeypatch):
     monkeypatch.setattr(compat, "weights_reach_only_the_convolution", lambda: False)
     model = build_architecture("plain-first", ELEMENTS, r_max=R_MAX)
+    chunking = EdgeChunking(model, 8)
     with pytest.warns(RuntimeWarning, match="convolutions are not chunked"):
-        assert EdgeChunking(model, 8).chunk_edges(100) is None
+        assert chunking.chunk_edges(100) is None
+    assert chunking.last_chunk_edges is None  # the call ran unchunked
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # tried once, not at every call
+        assert chunking.chunk_edges(100) is None
     assert not any(isinstance(module, ChunkedConvolution) for module in model.modules())
 
 

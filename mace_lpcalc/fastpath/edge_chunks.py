@@ -267,7 +267,7 @@ class EdgeChunking:
         check_edge_chunk_size(setting)
         self.model, self.setting, self.converted = model, setting, False
         self._decided: dict[int, int | None] = {}
-        #: The chunk size of the last call asked about (None: unchunked).
+        #: The chunk size of the last call asked about (None: it ran unchunked).
         self.last_chunk_edges = None
         convolutions = [getattr(block.conv_tp, "convolution", block.conv_tp)
                         for block in _chunkable_interactions(model)]
@@ -283,11 +283,13 @@ class EdgeChunking:
         converting the model the first time one is needed."""
         if n_edges not in self._decided:  # once per capacity: free memory varies
             self._decided[n_edges] = self._chunk_edges(n_edges)
-        chunk_edges = self.last_chunk_edges = self._decided[n_edges]
-        if chunk_edges is not None and not self.converted:
+        chunk_edges = self._decided[n_edges]
+        if chunk_edges is not None and self.chunkable and not self.converted:
             with DEVICE_WORK_LOCK:  # a background compilation may be tracing the model
-                self.converted = bool(defer_convolution_weights(self.model))
-        return chunk_edges if self.converted else None
+                # A mace whose blocks fail the source check is tried (and warned of) once.
+                self.converted = self.chunkable = bool(defer_convolution_weights(self.model))
+        self.last_chunk_edges = chunk_edges if self.chunkable else None
+        return self.last_chunk_edges
 
     def _chunk_edges(self, n_edges: int) -> int | None:
         if not self.chunkable:

@@ -65,7 +65,7 @@ def measure(policy: str, n_molecules: int, *, model_spec: str, device: str,
     peak_mb = peak_memory_mb(device)
     row = {"policy": policy, "edge_chunk_size": edge_chunk_size, "n_atoms": n_atoms,
            "n_edges": engine.n_edges, "edge_capacity": engine.edge_capacity,
-           "chunk_edges": engine.edge_chunking.chunk_edges(engine.edge_capacity),
+           "chunk_edges": engine.edge_chunking.last_chunk_edges,
            "md_step_ms": step_ms, "steps_per_sample": block,
            "us_per_atom_step": step_ms * 1e3 / n_atoms,
            "cuda_graph_replayed": engine.last_call_replayed_graph, "auto_rule": AUTO_RULE,
@@ -104,12 +104,11 @@ def run(args) -> dict:
         result["rows"] = earlier["rows"]
     for policy in args.policies:
         for n_molecules in sorted(args.sizes):
-            mine = [r for r in result["rows"] if r.get("auto_rule") == AUTO_RULE
-                    and (r["policy"], r["n_atoms"]) == (policy, 3 * n_molecules)]
-            if any(not r["fits"] and r["edge_chunk_size"] == "auto" for r in result["rows"]
-                   if r["policy"] == policy and r["n_atoms"] <= 3 * n_molecules
-                   and r.get("auto_rule") == AUTO_RULE):
-                break  # a smaller box of this policy did not fit
+            same_rule = [r for r in result["rows"] if r["policy"] == policy
+                         and r.get("auto_rule") == AUTO_RULE and r["n_atoms"] <= 3 * n_molecules]
+            if any(not r["fits"] and r["edge_chunk_size"] == "auto" for r in same_rule):
+                break  # this box or a smaller one of this policy did not fit
+            mine = [r for r in same_rule if r["n_atoms"] == 3 * n_molecules]
             for setting in ["auto"] + ([None] if n_molecules <= args.unchunked_up_to else []):
                 if any(r["edge_chunk_size"] == setting for r in mine):
                     continue
@@ -121,7 +120,7 @@ def run(args) -> dict:
                                   device=args.device, edge_chunk_size=setting)
                 except torch.cuda.OutOfMemoryError as err:
                     row = {"policy": policy, "edge_chunk_size": setting,
-                           "n_atoms": 3 * n_molecules, "fits": False,
+                           "n_atoms": 3 * n_molecules, "fits": False, "auto_rule": AUTO_RULE,
                            "error": str(err).splitlines()[0][:200]}
                 print(json.dumps(row), flush=True)
                 result["rows"].append(row)
