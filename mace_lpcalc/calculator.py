@@ -49,7 +49,6 @@ from mace_lpcalc.precision.policies import (apply_policy, check_device_supports,
 EXPLODING_FORCE_EV_A = 1.0e3
 
 
-
 #: torch's default dtype (which mace's data pipeline reads) and the CUDA matmul flags a
 #: policy needs are process-wide: a calculation sets them for its duration, so two
 #: calculators of different policies in two threads calculate one at a time.

@@ -40,6 +40,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from mace_lpcalc.fastpath.compiled import DEVICE_WORK_LOCK
+from mace_lpcalc.precision.backends import inner_convolution
 from mace_lpcalc.precision.casting import AutocastRegion
 
 _CHUNK_EDGES = contextvars.ContextVar("mace_lpcalc_convolution_chunk_edges", default=None)
@@ -269,8 +270,7 @@ class EdgeChunking:
         self._decided: dict[int, int | None] = {}
         #: The chunk size of the last call asked about (None: it ran unchunked).
         self.last_chunk_edges = None
-        convolutions = [getattr(block.conv_tp, "convolution", block.conv_tp)
-                        for block in _chunkable_interactions(model)]
+        convolutions = [inner_convolution(block) for block in _chunkable_interactions(model)]
         self.chunkable = bool(convolutions) and setting is not None
         itemsize = next(model.parameters()).element_size()
         self.kept_bytes_per_edge = KEPT_WEIGHT_COPIES * itemsize * sum(

@@ -16,6 +16,12 @@ from e3nn import o3
 from mace_lpcalc.precision.casting import DenseProduct16
 
 
+def inner_convolution(interaction: torch.nn.Module) -> torch.nn.Module:
+    """An interaction's ``conv_tp``, seen through the fast path's edge-chunking wrapper
+    (:class:`mace_lpcalc.fastpath.edge_chunks.ChunkedConvolution`) where there is one."""
+    return getattr(interaction.conv_tp, "convolution", interaction.conv_tp)
+
+
 def _fused_convolutions(model: torch.nn.Module):
     """(radial MLP, fused-convolution kernel) pairs of a cuEquivariance model on CUDA.
 
@@ -25,8 +31,8 @@ def _fused_convolutions(model: torch.nn.Module):
     the fast path's edge-chunking wrappers (their ``convolution`` and ``radial_mlp``).
     """
     for interaction in getattr(model, "interactions", ()):
-        convolution = getattr(interaction, "conv_tp", None)
-        kernel = getattr(getattr(convolution, "convolution", convolution), "m", None)
+        kernel = (getattr(inner_convolution(interaction), "m", None)
+                  if hasattr(interaction, "conv_tp") else None)
         mlp = getattr(interaction, "conv_tp_weights", None)
         mlp = getattr(mlp, "radial_mlp", mlp)
         if hasattr(interaction, "conv_fusion") and hasattr(kernel, "dtypes") and mlp is not None:

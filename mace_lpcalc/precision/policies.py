@@ -34,7 +34,7 @@ from mace_lpcalc.compat import with_cueq_conv_fusion
 import torch
 
 from mace_lpcalc.precision.backends import (check_single_backend, feed_16bit_radial_weights,
-                                            unfeed_16bit_radial_weights)
+                                            inner_convolution, unfeed_16bit_radial_weights)
 from mace_lpcalc.precision.casting import (POLICY_WRAPPERS, AutocastExempt, AutocastRegion,
                                            replacement_16bit)
 
@@ -217,9 +217,7 @@ def copy_without_policy(model: torch.nn.Module) -> torch.nn.Module:
     copied_model = strip_policy(copy.deepcopy(model))
     for original, copied in zip(getattr(model, "interactions", ()),
                                 getattr(copied_model, "interactions", ())):
-        # (through the fast path's edge-chunking wrapper, where there is one)
-        original, copied = (getattr(block.conv_tp, "convolution", block.conv_tp)
-                            for block in (original, copied))
+        original, copied = inner_convolution(original), inner_convolution(copied)
         if (hasattr(original, compat.CUEQ_FUSION_MARKER)
                 and not hasattr(copied, compat.CUEQ_FUSION_MARKER)):
             with_cueq_conv_fusion(copied)
