@@ -8,6 +8,7 @@ every package a result depends on, which runs and benchmarks record.
 
 from __future__ import annotations
 
+import datetime
 import platform
 import warnings
 from importlib import metadata
@@ -97,3 +98,11 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[package] = "not installed"
     return versions
+
+
+def measurement_provenance(device: str) -> dict:
+    """What every committed measurement records beside its numbers: the GPU (None off
+    CUDA), the UTC date, and the package and CUDA versions."""
+    return {"gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": package_versions() | {"cuda": torch.version.cuda}}

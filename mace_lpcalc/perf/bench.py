@@ -13,7 +13,6 @@ policy's energy/force deviation from our fp64 e3nn result is recorded beside its
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import statistics
@@ -30,7 +29,7 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from mace.calculators import MACECalculator
 
 from mace_lpcalc.calculator import LowPrecisionMACECalculator
-from mace_lpcalc.installed import package_versions
+from mace_lpcalc.installed import measurement_provenance
 from mace_lpcalc.timing import median_ms, synchronize
 from mace_lpcalc.model_zoo import build_architecture
 from mace_lpcalc.models import build_off24m_shaped_model, build_tiny_model, load_model
@@ -160,9 +159,7 @@ def run_benchmark(*, model_spec: str, device: str, sizes: list[int], policies: l
         "benchmark": "energy+forces per call and ASE Langevin step",
         "model": model_spec,
         "device": device,
-        "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": package_versions() | {"cuda": torch.version.cuda},
+        **measurement_provenance(device),
         "warmup": warmup, "repeats": repeats, "statistic": "median",
         "rows": rows,
     }

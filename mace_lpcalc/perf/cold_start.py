@@ -16,7 +16,6 @@ steps slower than twice the median of their phase (stalls).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -128,17 +127,13 @@ def main(argv=None) -> None:
     if args.child:
         return child(args)
     from mace_lpcalc.fastpath.disk_caches import LIBRARY_CACHE_VARIABLES
-    from mace_lpcalc.installed import package_versions
+    from mace_lpcalc.installed import measurement_provenance
     from mace_lpcalc.perf.bench import write_json
 
     result = {"benchmark": "process start to full speed, ASE Langevin, every step",
               "model": args.model, "n_atoms": 3 * args.molecules, "device": args.device,
               "seconds_per_process": args.seconds, "stall_factor": STALL_FACTOR,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "versions": package_versions(), "runs": []}
-    if args.device.startswith("cuda"):
-        import torch
-        result["gpu"] = torch.cuda.get_device_name(0)
+              **measurement_provenance(args.device), "runs": []}
     for policy in args.policies:
         with tempfile.TemporaryDirectory(prefix="mace_lpcalc_cold_start_") as cache:
             # An empty cache of our own; the kernels of an installed library stay cached.

@@ -18,7 +18,6 @@ comparison); the GPU, the versions and the date.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 from pathlib import Path
@@ -137,17 +136,16 @@ def report(record_path, *, scheduler: str, scheduler_note: str = "", command: st
     is missing, what is known without it)."""
     import torch
 
-    from mace_lpcalc.installed import package_versions
+    from mace_lpcalc.installed import measurement_provenance
 
     record_path = Path(record_path)
     result = {
         "benchmark": "single-GPU Dask campaign throughput (python -m mace_lpcalc.campaign): "
                      "one task per policy, its seeds as batched replicas",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        **measurement_provenance("cuda" if torch.cuda.is_available() else "cpu"),
         "scheduler": scheduler, "scheduler_note": scheduler_note or None,
         "command": command or None, "command_wall_s": command_wall_s,
-        "versions": package_versions(), "record": str(record_path)}
+        "record": str(record_path)}
     if not record_path.is_file():
         return {**result, "error": f"{record_path} is missing: the campaign did not get "
                                    "as far as writing its record"}

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import statistics
 from pathlib import Path
 
@@ -47,7 +46,7 @@ from mace_lpcalc.perf.profile_attribution import (
 )
 from mace_lpcalc.timing import median_ms, synchronize
 from mace_lpcalc.calculator import LowPrecisionMACECalculator
-from mace_lpcalc.installed import package_versions
+from mace_lpcalc.installed import measurement_provenance
 from mace_lpcalc.precision.policies import POLICIES
 from mace_lpcalc.precision.casting import POLICY_WRAPPERS
 from mace_lpcalc.systems import water_box
@@ -291,9 +290,7 @@ def run_profile(*, model_spec: str, policy: str, backend: str, device: str, n_mo
     return {
         "profile": "per-block host and device time of one energy+forces call",
         "model": model_spec, "policy": policy, "backend": calc.backend, "device": device,
-        "gpu": torch.cuda.get_device_name(calc.device) if device.startswith("cuda") else None,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": package_versions() | {"cuda": torch.version.cuda},
+        **measurement_provenance(device),
         "settings": {"molecules": n_molecules, "n_atoms": len(atoms), "warmup": warmup,
                      "steps": steps, "gpu_bound_fraction": GPU_BOUND_FRACTION,
                      "torch_threads": torch.get_num_threads()},

@@ -27,13 +27,12 @@ on our engine.
 from __future__ import annotations
 
 import argparse
-import datetime
 from pathlib import Path
 
 import torch
 
 from mace_lpcalc.calculator import LowPrecisionMACECalculator
-from mace_lpcalc.installed import package_versions
+from mace_lpcalc.installed import measurement_provenance
 from mace_lpcalc.md.replicas import ReplicaBatch, ReplicaSlot
 from mace_lpcalc.models import default_model_path
 from mace_lpcalc.perf.bench import langevin_steps_call, write_json
@@ -152,13 +151,11 @@ def main(argv=None) -> None:
     rows = measure(args.policies, args.replicas, args.engines, device=args.device,
                    n_molecules=args.molecules, block=args.block, warmup=args.warmup,
                    repeats=args.repeats)
-    gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else None
     write_json(args.out, {
         "benchmark": "replica throughput: ASE Langevin on our engine (one box of N replicas' "
                      "atoms, N replicas batched) vs TorchSim batched NVT",
-        "model": str(default_model_path().name), "device": args.device, "gpu": gpu,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": package_versions(),
+        "model": str(default_model_path().name), "device": args.device,
+        **measurement_provenance(args.device),
         "timestep_ps": TIMESTEP_PS, "statistic": "median", "block": args.block,
         "warmup": args.warmup, "repeats": args.repeats, "rows": rows})
 

@@ -20,7 +20,6 @@ campaign can be built over several short GPU slots.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 from pathlib import Path
@@ -84,15 +83,13 @@ def run(args) -> dict:
 
     import torch
 
-    from mace_lpcalc.installed import package_versions
+    from mace_lpcalc.installed import measurement_provenance
     from mace_lpcalc.perf.bench import write_json
 
     began, measured = time.monotonic(), False
     result = {"benchmark": "MD step time and peak memory vs system size (water)",
               "model": args.model, "device": args.device,
-              "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "versions": package_versions() | {"cuda": torch.version.cuda},
+              **measurement_provenance(args.device),
               "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
               "command": "python -m mace_lpcalc.perf.scaling run " + " ".join(args.argv),
               "rows": []}
