@@ -17,7 +17,8 @@ import torch
 from ase.calculators.calculator import CalculatorSetupError
 
 from mace_lpcalc import LowPrecisionMACECalculator, compat
-from mace_lpcalc.fastpath.edge_chunks import (AUTO_CHUNK_FRACTION, AUTO_CHUNKING_ABOVE,
+from mace_lpcalc.fastpath.edge_chunks import (AUTO_CHUNK_FRACTION, AUTO_CHUNK_SHARE,
+                                              AUTO_CHUNKING_ABOVE, REST_PER_KEPT_BYTE,
                                               MIN_CHUNK_EDGES, ChunkedConvolution,
                                               EdgeChunking, convolution_chunks,
                                               defer_convolution_weights)
@@ -121,8 +122,18 @@ def test_auto_chunks_only_where_the_memory_is_needed():
     below = int(AUTO_CHUNKING_ABOVE * memory) // chunking.kept_bytes_per_edge
     assert chunking.chunk_edges(below) is None
     assert not isinstance(model.interactions[0].conv_tp, ChunkedConvolution)  # untouched
-    assert chunking.chunk_edges(below + 1) == max(
-        MIN_CHUNK_EDGES, int(AUTO_CHUNK_FRACTION * memory) // chunking.kept_bytes_per_edge)
+    # Just above the threshold: chunks take a share of what the rest of the call leaves,
+    # so few of them (each writes node-sized arrays) and, with the rest, within memory.
+    kept = chunking.kept_bytes_per_edge
+    just_above = chunking.chunk_edges(below + 1)
+    rest = REST_PER_KEPT_BYTE * kept * (below + 1)
+    assert just_above == int(AUTO_CHUNK_SHARE * (memory - rest)) // kept
+    assert -(-(below + 1) // just_above) <= 3 and rest + just_above * kept < memory
+    # Far beyond memory, chunks shrink to the floor (a fraction of the memory) ...
+    assert chunking.chunk_edges(100 * below) == max(
+        MIN_CHUNK_EDGES, int(AUTO_CHUNK_FRACTION * memory) // kept)
+    # ... and in between they shrink as the rest of the call grows.
+    assert just_above > chunking.chunk_edges(4 * below) > chunking.chunk_edges(100 * below)
     assert all(isinstance(block.conv_tp, ChunkedConvolution) for block in model.interactions)
     assert EdgeChunking(copy.deepcopy(model), 100).chunk_edges(101) == 100
     assert EdgeChunking(copy.deepcopy(model), 100).chunk_edges(100) is None

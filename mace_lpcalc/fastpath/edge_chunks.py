@@ -53,9 +53,16 @@ _PENDING = contextvars.ContextVar("mace_lpcalc_pending_radial_features", default
 #: step at 41 472 water atoms on an H100, bench/results/h100_scaling_water.json), so it is
 #: for boxes that would not fit otherwise ...
 AUTO_CHUNKING_ABOVE = 0.7
-#: ... in chunks whose weights take about this fraction of it, and never fewer edges.
-#: Not smaller: every chunk of a fused convolution writes node-sized messages and
-#: gradients, so the node arrays are read and written once per chunk.
+#: ... in chunks as large as memory allows, since every chunk of a fused convolution
+#: reads and writes node-sized messages and gradients (that traffic grows as atoms x
+#: chunks: 10.9 -> 17.9 us an atom-step from 15 to 115 chunks of 247 097 edges,
+#: h100_scaling_water.json): the chunks' weights may take this share of the memory left
+#: beside the rest of the call ...
+AUTO_CHUNK_SHARE = 0.4
+#: ... whose bytes an edge slot are about this fraction of the unchunked weights' (chunked
+#: fp32 peaks less one chunk's weights: 0.085-0.098 of them, 41 472-331 776 atoms) ...
+REST_PER_KEPT_BYTE = 0.1
+#: ... and chunks are never smaller than this fraction of the memory, nor this many edges.
 AUTO_CHUNK_FRACTION, MIN_CHUNK_EDGES = 1 / 24, 16_384
 #: Copies of each edge's weights the unchunked backward pass keeps (for the product with
 #: the cutoff and for the convolution): 14.3 kB an edge slot for MACE-OFF24(M) at fp32,
@@ -63,7 +70,8 @@ AUTO_CHUNK_FRACTION, MIN_CHUNK_EDGES = 1 / 24, 16_384
 #: atoms).
 KEPT_WEIGHT_COPIES = 2
 #: The rule ``"auto"`` follows, as benchmarks record it beside what they measured.
-AUTO_RULE = {"above": AUTO_CHUNKING_ABOVE, "chunk_fraction": AUTO_CHUNK_FRACTION,
+AUTO_RULE = {"above": AUTO_CHUNKING_ABOVE, "chunk_share": AUTO_CHUNK_SHARE,
+             "rest_per_kept_byte": REST_PER_KEPT_BYTE, "chunk_fraction": AUTO_CHUNK_FRACTION,
              "kept_weight_copies": KEPT_WEIGHT_COPIES}
 
 
@@ -260,7 +268,8 @@ class EdgeChunking:
             ``"auto"``: chunk only where the unchunked convolutions would keep more than
             :data:`AUTO_CHUNKING_ABOVE` of the device's memory (of its total, or of what
             is still available when a size is first met), then in chunks whose weights
-            take about :data:`AUTO_CHUNK_FRACTION` of the total.
+            take :data:`AUTO_CHUNK_SHARE` of what the rest of the call leaves of it (at
+            least :data:`AUTO_CHUNK_FRACTION` of the total).
         device: whose memory ``"auto"`` reads.
     """
 
@@ -297,8 +306,9 @@ class EdgeChunking:
         if self.setting != "auto":
             return self.setting if n_edges > self.setting else None
         kept_bytes = self.kept_bytes_per_edge * n_edges
-        if (kept_bytes <= AUTO_CHUNKING_ABOVE * self.memory_bytes
-                and kept_bytes <= AUTO_CHUNKING_ABOVE * available_bytes(self.device)):
+        memory = min(self.memory_bytes, available_bytes(self.device))
+        if kept_bytes <= AUTO_CHUNKING_ABOVE * memory:
             return None
-        return max(MIN_CHUNK_EDGES,
-                   int(AUTO_CHUNK_FRACTION * self.memory_bytes) // self.kept_bytes_per_edge)
+        chunk_bytes = max(AUTO_CHUNK_SHARE * (memory - REST_PER_KEPT_BYTE * kept_bytes),
+                          AUTO_CHUNK_FRACTION * self.memory_bytes)
+        return max(MIN_CHUNK_EDGES, int(chunk_bytes) // self.kept_bytes_per_edge)

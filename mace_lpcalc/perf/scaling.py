@@ -10,7 +10,8 @@
 compiling needs about twice the memory) with ``edge_chunk_size="auto"`` and times blocks
 of ASE Langevin steps (median of synchronised blocks, after a warm-up block). Up to
 ``--unchunked-up-to`` molecules it also times the same box with ``edge_chunk_size=None``
-in the same process, so the cost and saving of chunking are ratios from one run. Sizes
+in the same process, so the cost and saving of chunking are ratios from one run; above it,
+``--also-chunks N`` times the box in chunks of N edges too (to compare chunk sizes). Sizes
 grow until one does not fit (the rest of that policy is skipped). The JSON is rewritten
 after every row; run again with the same ``--out`` and it measures only the rows missing
 (or measured under another ``auto`` rule: each row records the rule it ran under), so a
@@ -106,7 +107,8 @@ def run(args) -> dict:
             if any(not r["fits"] and r["edge_chunk_size"] == "auto" for r in same_rule):
                 break  # this box or a smaller one of this policy did not fit
             mine = [r for r in same_rule if r["n_atoms"] == 3 * n_molecules]
-            for setting in ["auto"] + ([None] if n_molecules <= args.unchunked_up_to else []):
+            unchunked = n_molecules <= args.unchunked_up_to
+            for setting in ["auto"] + ([None] if unchunked else list(args.also_chunks)):
                 if any(r["edge_chunk_size"] == setting for r in mine):
                     continue
                 if measured and time.monotonic() - began > args.max_wall_s:
@@ -130,14 +132,15 @@ def run(args) -> dict:
 
 def markdown_table(result: dict) -> str:
     """The README's table: one row per policy and size, chunked by default (``auto``);
-    an unchunked twin of the same box adds its ms/step and peak as ratios. Where a box was
-    measured again (under a newer ``auto`` rule), the newest row counts."""
+    an unchunked twin of the same box adds its ms/step and peak as ratios; a box timed in
+    chunks of a set size has a row of its own. Where a box was measured again (under a
+    newer ``auto`` rule), the newest row counts."""
     newest = {(r["policy"], r["n_atoms"], r["edge_chunk_size"]): r for r in result["rows"]}
     rows = [row for row in newest.values() if row.get("fits")]
     lines = ["| policy | " + " | ".join(heading for heading, _, _ in TABLE_COLUMNS)
              + " | unchunked: time × / memory × |",
              "|---|" + "---:|" * (len(TABLE_COLUMNS) + 1)]
-    for row in (r for r in rows if r["edge_chunk_size"] == "auto"):
+    for row in (r for r in rows if r["edge_chunk_size"] is not None):
         twin = next((r for r in rows if r["edge_chunk_size"] is None
                      and (r["policy"], r["n_atoms"]) == (row["policy"], row["n_atoms"])), None)
         cells = [("—" if row.get(key) is None else form.format(row[key]))
@@ -145,7 +148,9 @@ def markdown_table(result: dict) -> str:
         ratio = "" if twin is None else " / ".join(
             "—" if twin.get(key) is None else f"{twin[key] / row[key]:.2f}"
             for key in ("md_step_ms", "peak_memory_GB"))
-        lines.append(f"| {row['policy']} | " + " | ".join(cells) + f" | {ratio} |")
+        label = row["policy"] + ("" if row["edge_chunk_size"] == "auto"
+                                 else f", chunks set to {row['edge_chunk_size']:,}")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")
     misses = [r for r in newest.values() if not r.get("fits") and r["edge_chunk_size"] == "auto"]
     for row in misses:
         lines.append(f"| {row['policy']} | {row['n_atoms']:,} | out of memory |"
@@ -154,7 +159,8 @@ def markdown_table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    """ms per step and peak memory against atoms, log-log, per policy (hollow: unchunked)."""
+    """ms per step and peak memory against atoms, log-log, per policy (hollow squares:
+    unchunked; triangles: chunks of a set size)."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(10, 4))
@@ -162,13 +168,17 @@ def plot(result: dict, path: Path) -> None:
     rows = [row for row in result["rows"] if row.get("fits")]
     for index, policy in enumerate(dict.fromkeys(row["policy"] for row in rows)):
         colour = f"C{index}"
+        set_sizes = sorted({r["edge_chunk_size"] for r in rows if r["policy"] == policy
+                            and isinstance(r["edge_chunk_size"], int)})
         for setting, style in (("auto", dict(marker="o", linestyle="-")),
-                               (None, dict(marker="s", linestyle="none", fillstyle="none"))):
+                               (None, dict(marker="s", linestyle="none", fillstyle="none")),
+                               *((size, dict(marker="^", linestyle=":")) for size in set_sizes)):
             mine = sorted((r for r in rows if r["policy"] == policy
                            and r["edge_chunk_size"] == setting), key=lambda r: r["n_atoms"])
             if not mine:
                 continue
-            label = policy + (" (unchunked)" if setting is None else "")
+            label = policy + ("" if setting == "auto" else " (unchunked)" if setting is None
+                              else f" (chunks of {setting:,})")
             atoms = [r["n_atoms"] for r in mine]
             time_axes.plot(atoms, [r["md_step_ms"] for r in mine], color=colour, label=label,
                            **style)
@@ -201,6 +211,8 @@ def main(argv=None) -> None:
                         help="water molecules per box (x3 atoms)")
     runner.add_argument("--unchunked-up-to", type=int, default=0,
                         help="also time boxes up to this many molecules unchunked")
+    runner.add_argument("--also-chunks", type=int, nargs="*", default=[],
+                        help="also time the larger boxes in chunks of these many edges")
     runner.add_argument("--out", type=Path,
                         help="JSON results; rows already in it are kept, not measured again")
     runner.add_argument("--max-wall-s", type=float, default=float("inf"),
