@@ -9,6 +9,7 @@ as what autograd keeps for the backward pass, which chunking exists to cut. The 
 
 import copy
 import warnings
+import weakref
 
 import mace  # noqa: F401  -- before e3nn
 import numpy as np
@@ -22,7 +23,9 @@ from mace_lpcalc.fastpath.edge_chunks import (AUTO_CHUNK_FRACTION, AUTO_CHUNK_SH
                                               MIN_CHUNK_EDGES, ChunkedConvolution,
                                               EdgeChunking, convolution_chunks,
                                               defer_convolution_weights)
+from mace_lpcalc.fastpath import edge_chunks
 from mace_lpcalc.fastpath.engine import MACEEngine
+from mace_lpcalc.installed import models_on_backend
 from mace_lpcalc.model_zoo import build_architecture
 from mace_lpcalc.systems import water_box
 
@@ -101,16 +104,37 @@ def _kept_bytes(model, atoms, chunk_edges):
     return sum(kept.values())
 
 
-def test_chunking_halves_what_the_backward_pass_keeps():
-    """MACE-OFF24(M)'s widths and 6 Å cutoff on water (~85 edges an atom). e3nn's products
-    keep node-level intermediates that chunking leaves alone (cuEquivariance's fused
-    kernels keep none), so on the GPU the cut is larger."""
+@pytest.mark.parametrize("backend, at_most", [("e3nn", 0.35), ("cuequivariance", 0.45)])
+def test_chunking_cuts_what_the_backward_pass_keeps(backend, at_most):
+    """MACE-OFF24(M)'s widths and 6 Å cutoff on water (~85 edges an atom); both backends'
+    products keep node-level intermediates that chunking leaves alone (measured 0.27 and
+    0.39 of the whole; on CPU cuEquivariance runs its unfused fallback)."""
     atoms = water_box(27, seed=1)
     model = build_architecture("plain-first", ELEMENTS, r_max=6.0, size="off24m")
+    (model,), _ = models_on_backend([model], backend, dtype=torch.float64, device_type="cpu",
+                                    auto=False)
     model.requires_grad_(False)
     defer_convolution_weights(model)
     whole, chunked = _kept_bytes(model, atoms, None), _kept_bytes(model, atoms, 512)
-    assert chunked < 0.6 * whole, (whole, chunked)
+    assert chunked < at_most * whole, (whole, chunked)
+
+
+def test_the_backward_pass_holds_one_chunk_s_recomputed_weights_at_a_time(monkeypatch):
+    live, most, recomputed = weakref.WeakSet(), [0], [0]
+    recompute = edge_chunks._RecomputedWeights._recompute
+
+    def counting(recipe):
+        live.add(recipe)
+        recomputed[0] += 1
+        most[0] = max(most[0], 1 + sum(other.recomputed is not None for other in live))
+        return recompute(recipe)
+
+    monkeypatch.setattr(edge_chunks._RecomputedWeights, "_recompute", counting)
+    engine = _engine(build_architecture("plain-first", ELEMENTS, r_max=R_MAX),
+                     edge_chunk_size=97)
+    _evaluate(engine, _water())
+    assert recomputed[0] >= 10 and most[0] == 1  # every chunk of both interactions, in turn
+    assert not live  # and nothing of them is left after the call
 
 
 def test_auto_chunks_only_where_the_memory_is_needed():
@@ -196,9 +220,12 @@ def test_a_second_derivative_through_chunks_raises_instead_of_being_wrong():
     with convolution_chunks(16):
         interaction.conv_tp_weights(features)
         messages = interaction.conv_tp(sender_feats, attrs, torch.ones(50, 1))
-    (gradient,) = torch.autograd.grad(messages.square().sum(), features, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
-        torch.autograd.grad(gradient.sum(), features)
+    (gradient,) = torch.autograd.grad(messages.square().sum(), features, retain_graph=True)
+    assert gradient.abs().max() > 0
+    (again,) = torch.autograd.grad(messages.square().sum(), features, retain_graph=True)
+    assert torch.equal(again, gradient)  # the weights recomputed a second time
+    with pytest.raises(RuntimeError, match="second derivative"):  # asked for a graph of it
+        torch.autograd.grad(messages.square().sum(), features, create_graph=True)
 
 
 def test_a_mace_whose_blocks_no_longer_fit_is_not_chunked(monkeypatch):
