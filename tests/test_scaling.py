@@ -75,7 +75,7 @@ def test_plot_is_written(tmp_path):
 
 
 def _committed_results():
-    return sorted((ROOT / "bench" / "results").glob("*_scaling_water.json"))
+    return sorted((ROOT / "bench" / "results").glob("*_scaling_water*.json"))
 
 
 @pytest.mark.parametrize("path", _committed_results(), ids=lambda path: path.name)
