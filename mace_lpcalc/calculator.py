@@ -144,7 +144,7 @@ class LowPrecisionMACECalculator(ExactStateCheck, ReplicaCalls, PolicyHandover, 
             raise CalculatorSetupError(f"max_force_eV_A must be positive, got {max_force_eV_A}")
         self._set_up_sentinel(sentinel_every, sentinel_force_budget_eV_A, sentinel_action,
                               sentinel_fallback_policy)
-        self._reference: LowPrecisionMACECalculator | None = None
+        self._references: dict[bool, LowPrecisionMACECalculator] = {}  # by chunked
         if enable_cueq:
             if backend not in ("auto", "cuequivariance"):
                 raise CalculatorSetupError(f"enable_cueq=True contradicts backend={backend!r}")
@@ -331,22 +331,24 @@ class LowPrecisionMACECalculator(ExactStateCheck, ReplicaCalls, PolicyHandover, 
                 torch_tools.default_dtype(self.policy.model_dtype):
             yield
 
-    def _sibling(self, policy: str, compile_model=None) -> LowPrecisionMACECalculator:
-        """A calculator of the same model under ``policy``: fp64 is the reference, on
-        mace's path and e3nn, built once and kept; any other runs as this one would,
-        compiled if this one is (``compile_model=False``: a trial not worth compiling)."""
-        if policy == "fp64" and self._reference is not None:
-            return self._reference
+    def _sibling(self, policy: str, compile_model=None, *, chunked=False):
+        """The same model under ``policy``: fp64 is the reference (mace's path and e3nn;
+        ``chunked``: the fast path, for boxes mace's path cannot fit), built once; any other
+        runs as this one would, compiled if this one is (False: a trial, not compiled)."""
+        if policy == "fp64" and chunked in self._references:
+            return self._references[chunked]
+        mace_path = policy == "fp64" and not chunked
         if compile_model is None:
             compile_model = bool(self.parameters.get("compile_model")) and policy != "fp64"
         sibling = LowPrecisionMACECalculator(
             models=[copy.deepcopy(model) for model in self._model_sources],
             device=self._setup["device"], policy=policy,
-            backend="e3nn" if policy == "fp64" else self.backend,
-            fast_path=False if policy == "fp64" else "auto", compile_model=compile_model,
+            backend="e3nn" if mace_path else self.backend,
+            fast_path=False if mace_path else chunked or "auto", compile_model=compile_model,
+            edge_chunk_size=self.parameters["edge_chunk_size"] if self.engines else "auto",
             max_force_eV_A=self.max_force_eV_A, **self._setup["mace_kwargs"])
         if policy == "fp64":
-            self._reference = sibling
+            self._references[chunked] = sibling
         return sibling
 
     def _atoms_to_batch(self, atoms):

@@ -60,6 +60,21 @@ def test_a_sound_policy_stays_within_budget(water8):
     assert not caught
 
 
+def test_a_box_run_in_chunks_is_checked_against_fp64_in_chunks(water8):
+    """mace's unchunked path would not fit a box whose convolutions need chunks: there the
+    reference is fp64 on the fast path, chunked alike."""
+    calc = LowPrecisionMACECalculator(models=build_tiny_model(), policy="fp32", fast_path=True,
+                                      edge_chunk_size=64, sentinel_every=1,
+                                      sentinel_force_budget_eV_A=BUDGET_EV_A)
+    calc.get_forces(water8.copy())
+    (reference,) = calc._references.values()
+    assert list(calc._references) == [True] and reference.policy.name == "fp64"
+    assert reference.engine.edge_chunking.last_chunk_edges == 64
+    assert calc.parameters["sentinel_reference"] == "fp64 on the fast path, edge-chunked"
+    (record,) = calc.sentinel.records
+    assert 0 < record.force_max < 1e-6 and not record.over_budget
+
+
 def test_a_bad_policy_is_caught_and_warned_about(water8):
     calc, _, caught = _run_verlet(water8, "bf16", "warn")
     assert all(record.over_budget and record.action == "warn" for record in calc.sentinel.records)

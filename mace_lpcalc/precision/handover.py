@@ -24,9 +24,9 @@ class PolicyHandover:
     """Mixin of ``LowPrecisionMACECalculator``: ``policy="auto"``, the sentinel, the fallback.
 
     The calculator provides ``policy``, ``atoms``, ``results``, ``parameters``,
-    ``check_atoms(atoms)`` and ``_sibling(policy)`` (a calculator of the same model under
-    ``policy``; "fp64" is the reference on mace's path). While ``_delegate`` is set, it
-    serves every call.
+    ``check_atoms(atoms)``, ``engine`` and ``_sibling(policy, chunked=...)`` (a calculator
+    of the same model under ``policy``; "fp64" is the reference, on mace's path unless
+    ``chunked``). While ``_delegate`` is set, it serves every call.
     """
 
     def _set_up_auto(self, policy, force_budget_eV_A: float):
@@ -85,9 +85,15 @@ class PolicyHandover:
         """The sentinel's check of this evaluation, if due, and its action."""
         sentinel = self.sentinel
         if sentinel.due():
-            reference = self._sibling("fp64")
+            running = self._delegate if self._delegate is not None else self
+            # mace's unchunked path would not fit a box whose convolutions run in chunks.
+            chunked = (running.engine is not None
+                       and running.engine.edge_chunking.last_chunk_edges is not None)
+            reference = self._sibling("fp64", chunked=chunked)
             reference.calculate(self.atoms, properties, all_changes)
-            running = self._delegate.policy if self._delegate is not None else self.policy
+            if chunked:
+                self.parameters["sentinel_reference"] = "fp64 on the fast path, edge-chunked"
+            running = running.policy
             record = sentinel.record(running.name, deviations(self.results, reference.results,
                                                               len(self.atoms)),
                                      fallen_back=self._fallen_back)
