@@ -2,9 +2,11 @@
 
 import numpy as np
 import pytest
+import torch
+from ase.calculators.calculator import CalculatorSetupError
 
 from mace_lpcalc import LowPrecisionMACECalculator
-from mace_lpcalc.precision.auto import RATTLE_A, trial_frames
+from mace_lpcalc.precision.auto import RATTLE_A, choose_policy, trial_frames
 from tiny_models import build_tiny_model
 from mace_lpcalc.md.nvt import NVT, NVTSettings
 from mace_lpcalc.md.trajectory import read_trajectory
@@ -18,6 +20,16 @@ def test_trial_frames_are_the_structure_and_rattled_copies(water8):
     for frame in frames[1:]:
         displacement = frame.positions - water8.positions
         assert displacement.std() == pytest.approx(RATTLE_A, rel=0.3)
+
+
+def test_a_box_too_large_for_the_fp64_trials_is_refused_by_name(water8):
+    class OutOfMemory:  # mace's unchunked fp64 path on a box that needs edge chunks
+        def calculate(self, atoms, properties, system_changes):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 400.00 GiB")
+
+    with pytest.raises(CalculatorSetupError, match="ran out of device memory on these 24 "
+                                                   "atoms: choose a policy"):
+        choose_policy(lambda name: OutOfMemory(), water8, device="cpu", force_budget_eV_A=0.05)
 
 
 # 1.0 takes the same path as 1e-5 (the fastest of the candidates within the budget, all of

@@ -14,6 +14,7 @@ import time
 from typing import Callable
 
 import numpy as np
+import torch
 from ase import Atoms
 from ase.calculators.calculator import CalculatorSetupError, all_changes
 
@@ -54,7 +55,14 @@ def choose_policy(build: Callable[[str], object], atoms: Atoms, *, device: str,
     started = time.perf_counter()
     frames = trial_frames(atoms)
     reference = build("fp64")
-    expected = [_forces(reference, frame) for frame in frames]
+    try:
+        expected = [_forces(reference, frame) for frame in frames]
+    except torch.OutOfMemoryError:
+        raise CalculatorSetupError(
+            f"policy 'auto' compares each candidate with fp64 on mace's unchunked path, "
+            f"which ran out of device memory on these {len(atoms)} atoms: choose a policy "
+            f"(the sentinel's fp64 checks run in edge chunks where the box needs them)"
+        ) from None
     rows = []
     for name in candidates:
         try:
