@@ -141,6 +141,9 @@ def test_cold_start_analysis_finds_the_switch_and_the_stalls():
     assert result["compiled_from_s"] == pytest.approx(steps[16]["end"] - 90.0)
     assert result["uncompiled"]["median_ms"] == 10.0 and result["uncompiled"]["stalls"] == 1
     assert result["compiled"]["median_ms"] == 5.0 and result["compiled"]["stall_ms"] == [11.0]
+    # A process whose time ran out before its first step (a slow machine's imports).
+    assert analyse([], spawned=90.0) == {"steps": 0, "first_step_s": None,
+                                         "compiled_from_s": None}
 
 
 def test_a_graph_compiled_before_is_recognised_by_graph_shapes_and_settings(monkeypatch,
