@@ -340,9 +340,9 @@ class LowPrecisionMACECalculator(ExactStateCheck, ReplicaCalls, PolicyHandover, 
         mace_path = policy == "fp64" and not chunked
         if compile_model is None:
             compile_model = bool(self.parameters.get("compile_model")) and policy != "fp64"
-        sibling = LowPrecisionMACECalculator(
+        sibling = LowPrecisionMACECalculator(  # a chunked reference holds no graph's memory
             models=[copy.deepcopy(model) for model in self._model_sources],
-            device=self._setup["device"], policy=policy,
+            device=self._setup["device"], policy=policy, use_cuda_graph=not chunked and "auto",
             backend="e3nn" if mace_path else self.backend,
             fast_path=False if mace_path else chunked or "auto", compile_model=compile_model,
             edge_chunk_size=self.parameters["edge_chunk_size"] if self.engines else "auto",

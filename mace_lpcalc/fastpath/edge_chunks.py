@@ -15,15 +15,15 @@ hands ``conv_tp_weights``' output, times the cutoff, to ``conv_tp`` and nowhere 
   cutoff factor itself;
 * ``conv_tp`` becomes :class:`ChunkedConvolution`: it computes the weights (MLP, times the
   factor, as the block would) and the convolution, in chunks of edges within
-  :func:`convolution_chunks`. Saved-tensor hooks keep what each chunk's weights saved for
-  the backward pass as a recipe (:class:`_RecomputedWeights`): the backward pass
-  recomputes the chunk's radial MLP, not its convolution, and holds one chunk's weights
-  at a time.
+  :func:`convolution_chunks`, keeping for the backward pass only what it cannot recompute:
+  around cuEquivariance's fused kernel, which saves only its inputs, just the weights are
+  recomputed (:class:`_RecomputedWeights`); elsewhere the whole chunk
+  (:class:`_RecomputedChunk`).
 
 Outside :func:`convolution_chunks` the pair computes what mace's block computes, in one
 piece and with the same operations, so the modules are faithful replacements anywhere.
-Chunking runs the radial MLP twice, and every chunk of a fused convolution reads and
-writes node-sized arrays; it changes only the order in which messages are summed. :class:`EdgeChunking` decides when a call chunks
+Chunking recomputes in the backward pass, and every chunk of a fused convolution reads
+and writes node-sized arrays; it changes only the order in which messages are summed. :class:`EdgeChunking` decides when a call chunks
 (:class:`mace_lpcalc.fastpath.engine.MACEEngine` asks it at every capacity).
 """
 
@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 import warnings
 
 from mace_lpcalc import compat
 import torch
+from torch.autograd.function import once_differentiable
 
 from mace_lpcalc.fastpath.compiled import DEVICE_WORK_LOCK
 from mace_lpcalc.precision.backends import inner_convolution
@@ -116,6 +118,11 @@ class ChunkedConvolution(torch.nn.Module):
         # Not a submodule (its parameters belong to the block's conv_tp_weights); deepcopy
         # maps it to the copied partner.
         object.__setattr__(self, "partner", partner)
+        #: How the backward pass gets a chunk back: cuEquivariance's fused kernel saves only
+        #: its inputs, so only its weights are recomputed (:class:`_RecomputedWeights`);
+        #: other convolutions (e3nn's products, cuEquivariance's unfused fallback) save
+        #: per-edge intermediates of their own, so the whole chunk is (:class:`_RecomputedChunk`).
+        self.recompute_weights_only = hasattr(convolution, compat.CUEQ_FUSION_MARKER)
 
     def forward(self, node_feats, edge_attrs, factor, edge_index=None):
         pending = _PENDING.get()
@@ -134,15 +141,20 @@ class ChunkedConvolution(torch.nn.Module):
         size = -(-n_edges // n_chunks)  # equal chunks
         fused = edge_index is not None
         parts = []
+        convolve = functools.partial(self._convolve, deferred.radial_mlp)
         messages = None
         for start in range(0, n_edges, size):
             edges = slice(start, start + size)
-            recipe = _RecomputedWeights(deferred.radial_mlp, radial_features[edges],
-                                        None if scale is None else scale[edges])
-            with recipe.hooks():
-                part = self._convolve_weights(
-                    node_feats if fused else node_feats[edges], edge_attrs[edges],
-                    recipe.compute(), edge_index[:, edges] if fused else None)
+            inputs = (node_feats if fused else node_feats[edges], edge_attrs[edges],
+                      radial_features[edges], None if scale is None else scale[edges],
+                      edge_index[:, edges] if fused else None)
+            if self.recompute_weights_only:
+                recipe = _RecomputedWeights(deferred.radial_mlp, *inputs[2:4])
+                with recipe.hooks():
+                    part = self._convolve_weights(inputs[0], inputs[1], recipe.compute(),
+                                                  inputs[4])
+            else:
+                part = _RecomputedChunk.apply(convolve, *inputs)
             if not fused:
                 parts.append(part)
             else:  # summed as they come: each chunk's node messages are as large as all's
@@ -171,6 +183,49 @@ def radial_weights(radial_mlp, radial_features, scale):
     return weights if scale is None else weights * scale
 
 
+def _autocast_state(tensor: torch.Tensor) -> tuple:
+    device_type = tensor.device.type
+    return (device_type, torch.is_autocast_enabled(device_type),
+            torch.get_autocast_dtype(device_type))
+
+
+def _autocast_as(state: tuple):
+    """The autocast state :func:`_autocast_state` recorded, for a recomputation."""
+    device_type, enabled, dtype = state
+    return torch.autocast(device_type, dtype, enabled=enabled)
+
+
+class _RecomputedChunk(torch.autograd.Function):
+    """One chunk's convolution; its backward recomputes the chunk from its inputs.
+
+    First derivatives only (forces, stress), with respect to the tensor inputs: a second
+    raises. The forward's autocast state is restored for the recomputation.
+    """
+
+    @staticmethod
+    def forward(ctx, convolve, node_feats, edge_attrs, radial_features, scale, edge_index):
+        ctx.convolve, ctx.autocast = convolve, _autocast_state(node_feats)
+        ctx.save_for_backward(node_feats, edge_attrs, radial_features, scale, edge_index)
+        return convolve(node_feats, edge_attrs, radial_features, scale, edge_index)
+
+    @staticmethod
+    @once_differentiable  # a second derivative through a chunk would silently be wrong
+    def backward(ctx, grad_messages):
+        inputs = list(ctx.saved_tensors)
+        wanted = [index for index in range(4)
+                  if inputs[index] is not None and ctx.needs_input_grad[index + 1]]
+        with torch.enable_grad(), _autocast_as(ctx.autocast):
+            for index in wanted:
+                inputs[index] = inputs[index].detach().requires_grad_()
+            messages = ctx.convolve(*inputs)
+            grads = torch.autograd.grad(messages, [inputs[index] for index in wanted],
+                                        grad_messages, allow_unused=True)
+        result = [None] * 6
+        for index, grad in zip(wanted, grads):
+            result[index + 1] = grad
+        return tuple(result)
+
+
 class _RecomputedWeights:
     """Saved-tensor hooks that keep one chunk's convolution weights as a recipe.
 
@@ -178,7 +233,8 @@ class _RecomputedWeights:
     saves for the backward pass is kept as its place in that sequence; then, while the
     convolution runs, each view of the weights it saves is kept as the view's geometry.
     The first of them the backward pass unpacks recomputes the weights and the sequence (the
-    MLP, not the convolution); the recomputation is dropped once all have been unpacked.
+    MLP, not the convolution), attached to the graph where one of the gradient is being
+    built (second derivatives); it is dropped once every one has been unpacked.
     Everything else saved (parameters, the chunk's inputs, node features, indices) is kept
     as it is: it outlives the chunk anyway.
     """
@@ -187,10 +243,8 @@ class _RecomputedWeights:
         self.radial_mlp, self.inputs = radial_mlp, (radial_features, scale)
         self.kept = {tensor.untyped_storage().data_ptr() for tensor in (
             *radial_mlp.parameters(), radial_features, scale) if tensor is not None}
-        device_type = radial_features.device.type
-        self.autocast = (device_type, torch.is_autocast_enabled(device_type),
-                         torch.get_autocast_dtype(device_type))
-        self.saved_while_computing, self.tokens, self.unpacked = 0, 0, 0
+        self.autocast = _autocast_state(radial_features)
+        self.saved_while_computing, self.tokens, self.unpacked = 0, 0, set()
         self.weights_storage = self.weights_offset = self.recomputed = None
 
     def hooks(self):
@@ -210,47 +264,46 @@ class _RecomputedWeights:
             if storage in self.kept:
                 return tensor
             self.tokens += 1
-            return (place,)
+            return self.tokens, place
         if storage != self.weights_storage:
             return tensor
         self.tokens += 1
-        return (tensor.size(), tensor.stride(), tensor.storage_offset() - self.weights_offset)
+        return self.tokens, (tensor.size(), tensor.stride(),
+                             tensor.storage_offset() - self.weights_offset)
 
     def _unpack(self, packed):
         if isinstance(packed, torch.Tensor):
             return packed
-        if torch.is_grad_enabled():  # the recomputed values are not tied to the graph
-            raise RuntimeError("a second derivative through edge-chunked convolutions is "
-                               "not supported: differentiate once, or run unchunked")
-        if self.recomputed is None:
-            self.recomputed = self._recompute()
-        saved, weights = self.recomputed
-        value = (saved[packed[0]] if len(packed) == 1 else weights.as_strided(
-            packed[0], packed[1], weights.storage_offset() + packed[2]))
-        self.unpacked += 1
-        if self.unpacked == self.tokens:  # all used: free the chunk's weights again
-            self.recomputed, self.unpacked = None, 0
+        token, place = packed
+        attached = torch.is_grad_enabled()  # a graph of the gradient is being built
+        if self.recomputed is None or self.recomputed[0] != attached:
+            self.recomputed = (attached, *self._recompute(attached))
+        _, saved, weights = self.recomputed
+        value = saved[place] if isinstance(place, int) else weights.as_strided(
+            place[0], place[1], weights.storage_offset() + place[2])
+        self.unpacked.add(token)
+        if len(self.unpacked) == self.tokens:  # all used: free the chunk's weights again
+            self.recomputed, self.unpacked = None, set()
         return value
 
-    def _recompute(self):
+    def _recompute(self, attached: bool):
         saved = []
 
         def collect(tensor):
             saved.append(tensor)
             return tensor
 
-        inputs = [None if tensor is None else tensor.detach().requires_grad_(tensor.requires_grad)
-                  for tensor in self.inputs]
-        device_type, autocast_enabled, autocast_dtype = self.autocast
-        with torch.enable_grad(), torch.autocast(device_type, autocast_dtype,
-                                                 enabled=autocast_enabled), \
+        inputs = self.inputs if attached else [
+            None if tensor is None else tensor.detach().requires_grad_(tensor.requires_grad)
+            for tensor in self.inputs]
+        with torch.enable_grad(), _autocast_as(self.autocast), \
                 torch.autograd.graph.saved_tensors_hooks(collect, lambda tensor: tensor):
             weights = radial_weights(self.radial_mlp, *inputs)
         if len(saved) != self.saved_while_computing:
             raise RuntimeError("recomputing a chunk's convolution weights saved "
                                f"{len(saved)} tensors where computing them saved "
                                f"{self.saved_while_computing}")
-        return saved, weights.detach()
+        return saved, weights if attached else weights.detach()
 
 
 def _chunkable_interactions(model: torch.nn.Module):

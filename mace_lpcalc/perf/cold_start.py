@@ -134,7 +134,7 @@ def main(argv=None) -> None:
     parser.add_argument("--policy", help=argparse.SUPPRESS)
     parser.add_argument("--compile-model", help=argparse.SUPPRESS)
     parser.add_argument("--until", type=float, help=argparse.SUPPRESS)
-    parser.add_argument("--enough", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--enough", type=float, default=float("inf"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return child(args)

@@ -55,14 +55,16 @@ def choose_policy(build: Callable[[str], object], atoms: Atoms, *, device: str,
     started = time.perf_counter()
     frames = trial_frames(atoms)
     reference = build("fp64")
+    expected = None
     try:
         expected = [_forces(reference, frame) for frame in frames]
     except torch.OutOfMemoryError:
+        pass  # raised below, so that the error does not hold the failed call's tensors
+    if expected is None:
         raise CalculatorSetupError(
             f"policy 'auto' compares each candidate with fp64 on mace's unchunked path, "
             f"which ran out of device memory on these {len(atoms)} atoms: choose a policy "
-            f"(the sentinel's fp64 checks run in edge chunks where the box needs them)"
-        ) from None
+            f"(the sentinel's fp64 checks run in edge chunks where the box needs them)")
     rows = []
     for name in candidates:
         try:
