@@ -15,6 +15,11 @@
 # the GPU computes for another (each gets an equal share of the CPU threads).
 # ENSEMBLES="nve npt" runs the NVE drift runs first. COMPARE=0 skips the comparison (e.g.
 # where pymbar is missing); POLICIES, STRUCTURE, MODEL and DEVICE override the defaults.
+# Where the machine does not outlive the slot: STATE_IN=DIR first restores the runs a
+# previous slot packed there (python -m mace_lpcalc.campaign.state), STATE_OUT=DIR packs
+# them at the end into parts of 15 MiB (at most STATE_MAX_PARTS, default 4: 60 MiB),
+# ready to come back and be carried to the next slot; LOG_EVERY_NPT (default 250 steps)
+# thins the NPT frames so that they fit (648 atoms: ~8 KB a frame).
 set -euo pipefail
 out=${1:?usage: bench/npt_campaign.sh OUT_DIR [NPT_STEPS] [REPLICAS] [NVE_STEPS]}
 npt_steps=${2:-20000}
@@ -26,17 +31,21 @@ device=${DEVICE:-cuda}
 policies=${POLICIES:-fp64 fp32 tf32 fp32-linear-bf16 fp32-linear-fp16}
 deadline=$((SECONDS + ${WALL_S:-315360000}))
 mkdir -p "$out/npt" "$out/nve"
+if [ -n "${STATE_IN:-}" ] && [ -e "$STATE_IN/state.json" ]; then
+  python3 -m mace_lpcalc.campaign.state unpack "$STATE_IN" "$out"
+fi
 
 # Frames every 0.25 ps in NPT (density, RDF, MSD); every 0.05 ps in the shorter NVE runs,
 # whose drift is a fit to the conserved energy.
-declare -A log_every=([npt]=250 [nve]=50)
+declare -A log_every=([npt]=${LOG_EVERY_NPT:-250} [nve]=50)
 
 # run PROTOCOL SETTINGS STEPS OUT_STEM POLICY: fresh, or resumed where a checkpoint exists.
 run() {
   local protocol=$1 settings=$2 steps=$3 stem=$4 policy=$5 continue=(--overwrite)
   local left_s=$((deadline - SECONDS))
   if [ "$left_s" -lt 60 ]; then echo "$stem: not started, ${left_s} s left" >&2; return 0; fi
-  [ -e "${stem}_seed0.checkpoint.npz" ] && continue=(--resume)
+  # One replica writes STEM.h5, several STEM_seed<k>.h5.
+  [ -e "${stem}_seed0.checkpoint.npz" ] || [ -e "$stem.checkpoint.npz" ] && continue=(--resume)
   python3 -m mace_lpcalc.protocols."$protocol" "$structure" --settings "$settings" \
     --model "$model" --policy "$policy" --device "$device" --steps "$steps" --seed 0 \
     --replicas "$replicas" --log-every "${log_every[$protocol]}" --checkpoint-every 1000 --checkpoint-every-s 60 \
@@ -74,6 +83,10 @@ for ensemble in ${ENSEMBLES:-npt nve}; do
     *) echo "unknown ensemble $ensemble (npt, nve)" >&2; exit 2 ;;
   esac
 done
+if [ -n "${STATE_OUT:-}" ]; then
+  python3 -m mace_lpcalc.campaign.state pack "$out" "$STATE_OUT" \
+    --max-parts "${STATE_MAX_PARTS:-4}" || status=1
+fi
 if [ "${COMPARE:-1}" = 1 ]; then
   python3 -m mace_lpcalc.compare "$out"/npt/npt_*_seed*.h5 --out-dir "$out/npt/comparison"
   python3 -m mace_lpcalc.compare "$out"/nve/nve_*_seed*.h5 --out-dir "$out/nve/comparison"
