@@ -309,3 +309,24 @@ def test_cuda_batched_replicas_equal_single_calls(tiny_model_factory, policy, to
                 <= tolerance * np.abs(atoms.get_stress()).max()
     engine = batched_calculator.engine
     assert engine.last_call_replayed_graph and engine.n_graph_captures >= 1
+
+
+def test_the_python_benchmark_s_stand_in_drives_batched_runs_to_their_end(tmp_path):
+    """perf.replica_python times batched runs whose calculator answers instantly."""
+    from mace_lpcalc.md.nvt import NVT, NVTSettings
+    from mace_lpcalc.md.replicas import run_replicas
+    from mace_lpcalc.md.trajectory import read_trajectory
+    from mace_lpcalc.perf.replica_python import InstantAnswers, seconds_for
+
+    structure = tmp_path / "water.xyz"
+    water_box(8, seed=0).write(structure)
+    settings = [NVTSettings(structure=str(structure), out=str(tmp_path / f"r{seed}.h5"),
+                            steps=4, log_every=2, seed=seed, checkpoint_every=100,
+                            sentinel_every=0)
+                for seed in range(3)]
+    run_replicas(NVT, settings, calculator=InstantAnswers())
+    for one in settings:
+        trajectory = read_trajectory(one.out)
+        assert list(trajectory["step"]) == [0, 2, 4]
+        assert not trajectory["potential_energy"].any()
+    assert seconds_for("npt", 2, 3, str(structure)) > 0

@@ -1,0 +1,99 @@
+"""The Python a batched replica step costs, the model call left out.
+
+    python -m mace_lpcalc.perf.replica_python --replicas 1 16 --protocols nvt npt \\
+        --out bench/results/cpu_replica_python_648.json
+
+Batched replicas (:func:`mace_lpcalc.md.replicas.run_replicas`) share one model call per
+step, but each still runs its own ASE integrator, writer and checks in Python. On a GPU
+that Python, not the model, bounds the throughput once a batch is large (16 replicas of
+648 atoms: 20.5 ms a step batched against 12.6 ms for the same atoms as one box,
+``h200_replicas_exact_check_648.json``). Here every replica asks a stand-in calculator
+that answers at once (zero energy, forces and stress: a timing stand-in, not physics), so
+what is timed is that Python alone. Each configuration runs twice, ``--steps`` and
+``--steps`` + ``--extra-steps``, and the difference gives the cost per step without the
+runs' set-up (files, topology). Runs use the protocols' own settings files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from mace_lpcalc.md.nvt import NVT, NVTSettings
+from mace_lpcalc.md.npt import NPT, NPTSettings
+from mace_lpcalc.md.replicas import run_replicas
+from mace_lpcalc.toml_files import read_toml
+
+PROTOCOLS = {"nvt": (NVT, NVTSettings, "protocols/nvt_langevin.toml"),
+             "npt": (NPT, NPTSettings, "protocols/npt_water.toml")}
+
+
+class InstantAnswers:
+    """Answers every replica at once with zeros: the batched call without a model."""
+
+    def __init__(self):
+        self.parameters = {"model_hash": "none", "policy": "fp32", "backend": "none"}
+        self.policy, self.max_force_eV_A = SimpleNamespace(name="fp32"), 1000.0
+
+    def check_atoms(self, atoms) -> None:
+        """Every structure is acceptable to a stand-in."""
+
+    def replica_results(self, atoms_list, properties) -> list[dict]:
+        return [{"energy": 0.0, "free_energy": 0.0, "forces": np.zeros((len(atoms), 3)),
+                 "stress": np.zeros(6), "energies": np.zeros(len(atoms)),
+                 "node_energy": np.zeros(len(atoms))} for atoms in atoms_list]
+
+
+def seconds_for(protocol: str, n_replicas: int, steps: int, structure: str) -> float:
+    """Wall seconds of one batched run of ``steps`` steps (set-up included)."""
+    protocol_class, settings_class, settings_file = PROTOCOLS[protocol]
+    settings = {**read_toml(settings_file, "settings"), "structure": structure, "steps": steps,
+                "log_every": 100, "checkpoint_every": 10**9, "sentinel_every": 0,
+                "device": "cpu"}
+    with tempfile.TemporaryDirectory() as folder:
+        replicas = [settings_class(**{**settings, "seed": seed,
+                                      "out": str(Path(folder) / f"r{seed}.h5")})
+                    for seed in range(n_replicas)]
+        started = time.perf_counter()
+        run_replicas(protocol_class, replicas, calculator=InstantAnswers())
+        return time.perf_counter() - started
+
+
+def main(argv=None) -> None:
+    from mace_lpcalc.installed import measurement_provenance
+    from mace_lpcalc.perf.bench import write_json
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--structure", default="systems/water_648_spcfw.xyz")
+    parser.add_argument("--replicas", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--protocols", nargs="+", choices=sorted(PROTOCOLS),
+                        default=["nvt", "npt"])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--extra-steps", type=int, default=200)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    rows = []
+    for protocol in args.protocols:
+        for n_replicas in args.replicas:
+            short, long = (seconds_for(protocol, n_replicas, steps, args.structure)
+                           for steps in (args.steps, args.steps + args.extra_steps))
+            ms_per_step = (long - short) * 1e3 / args.extra_steps
+            rows.append({"protocol": protocol, "replicas": n_replicas,
+                         "python_ms_per_step": ms_per_step,
+                         "python_ms_per_replica_step": ms_per_step / n_replicas,
+                         "setup_s": short - args.steps * ms_per_step / 1e3})
+            print(rows[-1], flush=True)
+    result = {"benchmark": "Python per batched replica step, model call left out",
+              "structure": args.structure, "steps": [args.steps, args.extra_steps],
+              **measurement_provenance("cpu"), "rows": rows}
+    if args.out:
+        write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
