@@ -93,9 +93,8 @@ class PolicyHandover:
             reference.calculate(self.atoms, properties, all_changes)
             if chunked:
                 self.parameters["sentinel_reference"] = "fp64 on the fast path, edge-chunked"
-            running = running.policy
-            record = sentinel.record(running.name, deviations(self.results, reference.results,
-                                                              len(self.atoms)),
+            record = sentinel.record(running.policy.name,
+                                     deviations(self.results, reference.results, len(self.atoms)),
                                      fallen_back=self._fallen_back)
             if record.action == "stop":
                 raise CalculationFailed(sentinel.describe(record) + "; stopping (sentinel_action="
