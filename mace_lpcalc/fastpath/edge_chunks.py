@@ -21,10 +21,8 @@ hands ``conv_tp_weights``' output, times the cutoff, to ``conv_tp`` and nowhere 
   (:class:`_RecomputedChunk`).
 
 Outside :func:`convolution_chunks` the pair computes what mace's block computes, in one
-piece and with the same operations, so the modules are faithful replacements anywhere.
-Chunking recomputes in the backward pass, and every chunk of a fused convolution reads
-and writes node-sized arrays; it changes only the order in which messages are summed. :class:`EdgeChunking` decides when a call chunks
-(:class:`mace_lpcalc.fastpath.engine.MACEEngine` asks it at every capacity).
+piece and with the same operations. Chunks change only the order in which messages are
+summed. :class:`EdgeChunking` decides when a call chunks (the engine asks at every capacity).
 """
 
 from __future__ import annotations
@@ -112,17 +110,20 @@ class ChunkedConvolution(torch.nn.Module):
     those ones themselves where the block has no cutoff.
     """
 
+    #: False: whole chunks everywhere (benchmarks time both ways in one run).
+    weights_only_where_fused = True
+
     def __init__(self, convolution: torch.nn.Module, partner: DeferredRadialWeights):
         super().__init__()
         self.convolution = convolution
         # Not a submodule (its parameters belong to the block's conv_tp_weights); deepcopy
         # maps it to the copied partner.
         object.__setattr__(self, "partner", partner)
-        #: How the backward pass gets a chunk back: cuEquivariance's fused kernel saves only
-        #: its inputs, so only its weights are recomputed (:class:`_RecomputedWeights`);
-        #: other convolutions (e3nn's products, cuEquivariance's unfused fallback) save
-        #: per-edge intermediates of their own, so the whole chunk is (:class:`_RecomputedChunk`).
-        self.recompute_weights_only = hasattr(convolution, compat.CUEQ_FUSION_MARKER)
+        #: How the backward pass gets a chunk back: the fused cuEquivariance kernel saves
+        #: only its inputs, so only its weights are recomputed (:class:`_RecomputedWeights`);
+        #: other convolutions save per-edge intermediates, so whole chunks are.
+        self.recompute_weights_only = (self.weights_only_where_fused
+                                       and hasattr(convolution, compat.CUEQ_FUSION_MARKER))
 
     def forward(self, node_feats, edge_attrs, factor, edge_index=None):
         pending = _PENDING.get()

@@ -11,7 +11,9 @@ compiling needs about twice the memory) with ``edge_chunk_size="auto"`` and time
 of ASE Langevin steps (median of synchronised blocks, after a warm-up block). Up to
 ``--unchunked-up-to`` molecules it also times the same box with ``edge_chunk_size=None``
 in the same process, so the cost and saving of chunking are ratios from one run; above it,
-``--also-chunks N`` times the box in chunks of N edges too (to compare chunk sizes). Sizes
+``--also-chunks N`` times the box in chunks of N edges too (to compare chunk sizes), and
+``--also-whole-chunks`` times it with whole chunks recomputed in the backward pass, as
+before only the fused kernel's weights were (to compare the two). Sizes
 grow until one does not fit (the rest of that policy is skipped). The JSON is rewritten
 after every row; run again with the same ``--out`` and it measures only the rows missing
 (or measured under another ``auto`` rule: each row records the rule it ran under), so a
@@ -36,14 +38,18 @@ TABLE_COLUMNS = (("atoms", "n_atoms", "{:,}"), ("edges", "n_edges", "{:,}"),
 
 
 def measure(policy: str, n_molecules: int, *, model_spec: str, device: str,
-            edge_chunk_size) -> dict:
-    """One row: a fresh calculator's Langevin steps on a fresh box (raises on OOM)."""
+            edge_chunk_size, whole_chunks: bool = False) -> dict:
+    """One row: a fresh calculator's Langevin steps on a fresh box (raises on OOM);
+    ``whole_chunks`` recomputes whole chunks even around the fused kernel."""
+    from unittest import mock
+
     import numpy as np
     from ase import units
     from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
     from mace_lpcalc.calculator import LowPrecisionMACECalculator
+    from mace_lpcalc.fastpath.edge_chunks import ChunkedConvolution
     from mace_lpcalc.perf.bench import make_model, peak_memory_mb, reset_peak_memory
     from mace_lpcalc.systems import water_box
     from mace_lpcalc.timing import median_ms
@@ -59,13 +65,19 @@ def measure(policy: str, n_molecules: int, *, model_spec: str, device: str,
     dynamics = Langevin(atoms, timestep=1.0 * units.fs, temperature_K=300, friction=0.01,
                         rng=np.random.default_rng(0))
     block = 20 if n_atoms < 20_000 else 4  # steps per sample: rebuilds are part of them
-    step_ms = median_ms(lambda: dynamics.run(block), device, warmup=1,
-                        repeats=5 if n_atoms < 20_000 else 3) / block
+    # Convolutions are chunked (and choose how to recompute) at their first chunked call.
+    with mock.patch.object(ChunkedConvolution, "weights_only_where_fused", not whole_chunks):
+        step_ms = median_ms(lambda: dynamics.run(block), device, warmup=1,
+                            repeats=5 if n_atoms < 20_000 else 3) / block
     engine = calc.engine
+    chunked = [module.recompute_weights_only for module in engine.edge_chunking.model.modules()
+               if isinstance(module, ChunkedConvolution)]
     peak_mb = peak_memory_mb(device)
     row = {"policy": policy, "edge_chunk_size": edge_chunk_size, "n_atoms": n_atoms,
            "n_edges": engine.n_edges, "edge_capacity": engine.edge_capacity,
-           "chunk_edges": engine.edge_chunking.last_chunk_edges,
+           "chunk_edges": engine.edge_chunking.last_chunk_edges, "whole_chunks": whole_chunks,
+           "recomputes": (None if engine.edge_chunking.last_chunk_edges is None
+                          else "weights" if all(chunked) else "whole chunks"),
            "md_step_ms": step_ms, "steps_per_sample": block,
            "us_per_atom_step": step_ms * 1e3 / n_atoms,
            "cuda_graph_replayed": engine.last_call_replayed_graph, "auto_rule": AUTO_RULE,
@@ -104,28 +116,34 @@ def run(args) -> dict:
         for n_molecules in sorted(args.sizes):
             same_rule = [r for r in result["rows"] if r["policy"] == policy
                          and r.get("auto_rule") == AUTO_RULE and r["n_atoms"] <= 3 * n_molecules]
-            if any(not r["fits"] and r["edge_chunk_size"] == "auto" for r in same_rule):
+            if any(not r["fits"] and r["edge_chunk_size"] == "auto" and not r.get("whole_chunks")
+                   for r in same_rule):
                 break  # this box or a smaller one of this policy did not fit
             mine = [r for r in same_rule if r["n_atoms"] == 3 * n_molecules]
             unchunked = n_molecules <= args.unchunked_up_to
-            for setting in ["auto"] + ([None] if unchunked else list(args.also_chunks)):
-                if any(r["edge_chunk_size"] == setting for r in mine):
+            variants = [("auto", False)] + ([(None, False)] if unchunked else [
+                *((size, False) for size in args.also_chunks),
+                *((("auto", True),) if args.also_whole_chunks else ())])
+            for setting, whole in variants:
+                if any((r["edge_chunk_size"], r.get("whole_chunks", False)) == (setting, whole)
+                       for r in mine):
                     continue
                 if measured and time.monotonic() - began > args.max_wall_s:
                     return result
                 measured = True
                 try:
                     row = measure(policy, n_molecules, model_spec=args.model,
-                                  device=args.device, edge_chunk_size=setting)
+                                  device=args.device, edge_chunk_size=setting,
+                                  whole_chunks=whole)
                 except torch.cuda.OutOfMemoryError as err:
-                    row = {"policy": policy, "edge_chunk_size": setting,
+                    row = {"policy": policy, "edge_chunk_size": setting, "whole_chunks": whole,
                            "n_atoms": 3 * n_molecules, "fits": False, "auto_rule": AUTO_RULE,
                            "error": str(err).splitlines()[0][:200]}
                 print(json.dumps(row), flush=True)
                 result["rows"].append(row)
                 if args.out:
                     write_json(args.out, result)
-                if not row["fits"] and setting == "auto":
+                if not row["fits"] and (setting, whole) == ("auto", False):
                     break
     return result
 
@@ -135,7 +153,8 @@ def markdown_table(result: dict) -> str:
     an unchunked twin of the same box adds its ms/step and peak as ratios; a box timed in
     chunks of a set size has a row of its own. Where a box was measured again (under a
     newer ``auto`` rule), the newest row counts."""
-    newest = {(r["policy"], r["n_atoms"], r["edge_chunk_size"]): r for r in result["rows"]}
+    newest = {(r["policy"], r["n_atoms"], r["edge_chunk_size"], r.get("whole_chunks", False)): r
+              for r in result["rows"]}
     rows = [row for row in newest.values() if row.get("fits")]
     lines = ["| policy | " + " | ".join(heading for heading, _, _ in TABLE_COLUMNS)
              + " | unchunked: time × / memory × |",
@@ -149,9 +168,11 @@ def markdown_table(result: dict) -> str:
             "—" if twin.get(key) is None else f"{twin[key] / row[key]:.2f}"
             for key in ("md_step_ms", "peak_memory_GB"))
         label = row["policy"] + ("" if row["edge_chunk_size"] == "auto"
-                                 else f", chunks set to {row['edge_chunk_size']:,}")
+                                 else f", chunks set to {row['edge_chunk_size']:,}") + (
+            ", whole chunks recomputed" if row.get("whole_chunks") else "")
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")
-    misses = [r for r in newest.values() if not r.get("fits") and r["edge_chunk_size"] == "auto"]
+    misses = [r for r in newest.values() if not r.get("fits") and r["edge_chunk_size"] == "auto"
+              and not r.get("whole_chunks")]
     for row in misses:
         lines.append(f"| {row['policy']} | {row['n_atoms']:,} | out of memory |"
                      + " |" * len(TABLE_COLUMNS))
@@ -160,7 +181,7 @@ def markdown_table(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> None:
     """ms per step and peak memory against atoms, log-log, per policy (hollow squares:
-    unchunked; triangles: chunks of a set size)."""
+    unchunked; triangles: chunks of a set size; diamonds: whole chunks recomputed)."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(10, 4))
@@ -170,14 +191,18 @@ def plot(result: dict, path: Path) -> None:
         colour = f"C{index}"
         set_sizes = sorted({r["edge_chunk_size"] for r in rows if r["policy"] == policy
                             and isinstance(r["edge_chunk_size"], int)})
-        for setting, style in (("auto", dict(marker="o", linestyle="-")),
-                               (None, dict(marker="s", linestyle="none", fillstyle="none")),
-                               *((size, dict(marker="^", linestyle=":")) for size in set_sizes)):
+        for setting, whole, style in (
+                ("auto", False, dict(marker="o", linestyle="-")),
+                ("auto", True, dict(marker="D", linestyle="--")),
+                (None, False, dict(marker="s", linestyle="none", fillstyle="none")),
+                *((size, False, dict(marker="^", linestyle=":")) for size in set_sizes)):
             mine = sorted((r for r in rows if r["policy"] == policy
-                           and r["edge_chunk_size"] == setting), key=lambda r: r["n_atoms"])
+                           and r["edge_chunk_size"] == setting
+                           and r.get("whole_chunks", False) == whole), key=lambda r: r["n_atoms"])
             if not mine:
                 continue
-            label = policy + ("" if setting == "auto" else " (unchunked)" if setting is None
+            label = policy + (" (whole chunks recomputed)" if whole else "" if setting == "auto"
+                              else " (unchunked)" if setting is None
                               else f" (chunks of {setting:,})")
             atoms = [r["n_atoms"] for r in mine]
             time_axes.plot(atoms, [r["md_step_ms"] for r in mine], color=colour, label=label,
@@ -213,6 +238,8 @@ def main(argv=None) -> None:
                         help="also time boxes up to this many molecules unchunked")
     runner.add_argument("--also-chunks", type=int, nargs="*", default=[],
                         help="also time the larger boxes in chunks of these many edges")
+    runner.add_argument("--also-whole-chunks", action="store_true",
+                        help="also time the chunked boxes recomputing whole chunks")
     runner.add_argument("--out", type=Path,
                         help="JSON results; rows already in it are kept, not measured again")
     runner.add_argument("--max-wall-s", type=float, default=float("inf"),
