@@ -173,6 +173,24 @@ def _resolves_mtk_state() -> bool:
     return len(mtk_state(dynamics)) == len(MTK_STATE)
 
 
+#: The operator sequence of ASE's ``IsotropicMTKNPT.step``, which
+#: :class:`mace_lpcalc.md.mtk.LeanIsotropicMTKNPT` follows with its own operators.
+MTK_STEP_SEQUENCE = (
+    "_barostat.integrate_nhc_baro", "_thermostat.integrate_nhc", "_integrate_p_cell",
+    "_integrate_p", "_integrate_q", "_integrate_q_cell", "_integrate_p", "_integrate_p_cell",
+    "_thermostat.integrate_nhc", "_barostat.integrate_nhc_baro", "_update_atoms")
+
+
+def _mtk_step_unchanged() -> bool:
+    import inspect
+    import re
+
+    from ase.md.nose_hoover_chain import IsotropicMTKNPT
+
+    calls = re.findall(r"self\.(_[\w.]+)\(", inspect.getsource(IsotropicMTKNPT.step))
+    return tuple(calls) == MTK_STEP_SEQUENCE
+
+
 def _resolves_cueq_kernel_fields() -> bool:
     """cuEquivariance's uniform_1d kernel still sets the dtype table in its constructor.
 
@@ -226,4 +244,5 @@ SHIMS = {
     "cuequivariance kernel dtype fields": _resolves_cueq_kernel_fields,
     "mace blocks: conv_tp_weights reach only conv_tp": weights_reach_only_the_convolution,
     "ase IsotropicMTKNPT state": _resolves_mtk_state,
+    "ase IsotropicMTKNPT.step sequence (the lean MTK integrator)": _mtk_step_unchanged,
 }
