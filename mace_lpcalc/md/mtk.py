@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from ase.calculators.calculator import CalculationFailed
 from ase.md.nose_hoover_chain import FOURTH_ORDER_COEFFS, IsotropicMTKNPT
 from scipy.special import exprel
 
@@ -70,6 +71,15 @@ class LeanIsotropicMTKNPT(IsotropicMTKNPT):
     constructor, state, conserved energy and checkpoints)."""
 
     def step(self) -> None:
+        try:
+            self._step()
+        except OverflowError as err:  # ASE's numpy would carry on with inf
+            raise CalculationFailed(
+                f"the MTK thermostat or barostat chain diverged ({err}): the timestep is too "
+                "long for the damping times, or the system is far from the target "
+                "temperature and pressure") from err
+
+    def _step(self) -> None:
         dt2 = self.dt / 2
         self._update_atoms()  # the state, not whatever was done to the atoms since, is the truth
         self._advance_barostat_chain(dt2)
