@@ -13,6 +13,13 @@ what is timed is that Python alone. Each configuration runs twice, ``--steps`` a
 ``--steps`` + ``--extra-steps``, and the difference gives the cost per step without the
 runs' set-up (files, topology). Runs use the protocols' own settings files. ``npt-ase``
 is NPT stepped by ASE's own ``IsotropicMTKNPT`` instead of the protocol's lean version of it.
+
+With ``--model`` the replicas share a real calculator instead (``--device``, ``--policy``;
+uncompiled, so that no background compilation runs during the timing): then the whole
+batched step is timed, model call included, e.g. on a GPU
+
+    python -m mace_lpcalc.perf.replica_python --replicas 16 --protocols npt npt-ase \\
+        --model systems/water_mace.model --device cuda --policy fp32 --out FILE
 """
 
 from __future__ import annotations
@@ -59,18 +66,21 @@ class InstantAnswers:
                  "node_energy": np.zeros(len(atoms))} for atoms in atoms_list]
 
 
-def seconds_for(protocol: str, n_replicas: int, steps: int, structure: str) -> float:
-    """Wall seconds of one batched run of ``steps`` steps (set-up included)."""
+def seconds_for(protocol: str, n_replicas: int, steps: int, structure: str,
+                model: dict | None = None) -> float:
+    """Wall seconds of one batched run of ``steps`` steps (set-up included); ``model``:
+    the settings of a real calculator (``model``, ``device``, ``policy``), else the
+    stand-in answers."""
     protocol_class, settings_class, settings_file = PROTOCOLS[protocol]
     settings = {**read_toml(settings_file, "settings"), "structure": structure, "steps": steps,
                 "log_every": 100, "checkpoint_every": 10**9, "sentinel_every": 0,
-                "device": "cpu"}
+                "device": "cpu", **({"compile_model": "off", **model} if model else {})}
     with tempfile.TemporaryDirectory() as folder:
         replicas = [settings_class(**{**settings, "seed": seed,
                                       "out": str(Path(folder) / f"r{seed}.h5")})
                     for seed in range(n_replicas)]
         started = time.perf_counter()
-        run_replicas(protocol_class, replicas, calculator=InstantAnswers())
+        run_replicas(protocol_class, replicas, calculator=None if model else InstantAnswers())
         return time.perf_counter() - started
 
 
@@ -85,22 +95,31 @@ def main(argv=None) -> None:
                         default=["nvt", "npt", "npt-ase"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--extra-steps", type=int, default=200)
+    parser.add_argument("--model", help="a real calculator on this model instead of the "
+                                        "stand-in: the model call is timed too")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--policy", default="fp32")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    model = (dict(model=args.model, device=args.device, policy=args.policy)
+             if args.model else None)
     rows = []
     for protocol in args.protocols:
         for n_replicas in args.replicas:
-            short, long = (seconds_for(protocol, n_replicas, steps, args.structure)
+            short, long = (seconds_for(protocol, n_replicas, steps, args.structure, model)
                            for steps in (args.steps, args.steps + args.extra_steps))
             ms_per_step = (long - short) * 1e3 / args.extra_steps
             rows.append({"protocol": protocol, "replicas": n_replicas,
-                         "python_ms_per_step": ms_per_step,
-                         "python_ms_per_replica_step": ms_per_step / n_replicas,
+                         "ms_per_step": ms_per_step,
+                         "ms_per_replica_step": ms_per_step / n_replicas,
+                         "replica_steps_per_s": n_replicas * 1e3 / ms_per_step,
                          "setup_s": short - args.steps * ms_per_step / 1e3})
             print(rows[-1], flush=True)
-    result = {"benchmark": "Python per batched replica step, model call left out",
+    result = {"benchmark": ("batched replica step, model call included" if model else
+                            "Python per batched replica step, model call left out"),
               "structure": args.structure, "steps": [args.steps, args.extra_steps],
-              **measurement_provenance("cpu"), "rows": rows}
+              "calculator": model or "stand-in answering zeros at once",
+              **measurement_provenance(args.device), "rows": rows}
     if args.out:
         write_json(args.out, result)
 
