@@ -329,10 +329,13 @@ def test_a_mace_whose_blocks_no_longer_fit_is_not_chunked(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("weights_only", [False, True], ids=["whole-chunk", "weights-only"])
 @pytest.mark.parametrize("policy, atol", [("fp32", 2e-4), ("fp32-linear-fp16", 2e-3)])
-def test_cuda_fused_convolution_chunked_in_a_graph_matches_unchunked(policy, atol):
-    """Around the fused kernel only the weights are recomputed, in a CUDA graph, with
-    16-bit radial weights fed to the kernel where the policy does so."""
+def test_cuda_fused_convolution_chunked_in_a_graph_matches_unchunked(policy, atol,
+                                                                     weights_only, monkeypatch):
+    """The fused kernel in chunks, in a CUDA graph, recomputing whole chunks or only the
+    weights, with 16-bit radial weights fed to the kernel where the policy does so."""
+    monkeypatch.setattr(ChunkedConvolution, "weights_only_where_fused", weights_only)
     atoms = water_box(64, seed=4)
     atoms.rattle(0.02, seed=5)
     results = {}
@@ -344,7 +347,9 @@ def test_cuda_fused_convolution_chunked_in_a_graph_matches_unchunked(policy, ato
         results[setting] = (calc.get_potential_energy(atoms.copy()), calc.get_forces(),
                             calc.get_stress(), calc.engine.last_call_replayed_graph)
         convolutions = [block.conv_tp for block in calc.engine.model.interactions]
-    assert all(isinstance(conv, ChunkedConvolution) and conv.recompute_weights_only
+    assert all(isinstance(conv, ChunkedConvolution)
+               and conv.recompute_weights_only == weights_only
+               and hasattr(conv.convolution, compat.CUEQ_FUSION_MARKER)
                for conv in convolutions) and results[2000][3]
     assert abs(results[2000][0] - results[None][0]) < 1e-4 * len(atoms)
     np.testing.assert_allclose(results[2000][1], results[None][1], rtol=0, atol=atol)

@@ -24,31 +24,34 @@ def test_table_gives_ratios_of_the_unchunked_twin_and_the_box_that_did_not_fit()
                        _row("fp32", 9000, "auto", 90.0, 4.0, chunk=65536),
                        _row("fp32", 9000, 4096, 150.0, 3.0, chunk=4096),
                        {**_row("fp32", 9000, "auto", 120.0, 3.5, chunk=65536),
-                        "whole_chunks": True},
+                        "weights_only": True},
                        {"policy": "fp32", "edge_chunk_size": "auto", "n_atoms": 99000,
-                        "fits": False, "error": "CUDA out of memory"}]}
+                        "fits": False, "error": "CUDA out of memory"},
+                       {"policy": "fp32", "edge_chunk_size": "auto", "n_atoms": 99000,
+                        "weights_only": True, "fits": False, "error": "CUDA out of memory"}]}
     lines = scaling.markdown_table(result).splitlines()
-    assert len(lines) == 7
+    assert len(lines) == 8
     assert lines[2].endswith("| 0.90 / 3.00 |")  # the unchunked twin: 0.9x time, 3x memory
     assert "| 65,536 |" in lines[3] and lines[3].endswith("|  |")
     assert lines[4].startswith("| fp32, chunks set to 4,096 | 9,000 |")
     assert "| 150.0 |" in lines[4]
-    assert lines[5].startswith("| fp32, whole chunks recomputed | 9,000 |")
+    assert lines[5].startswith("| fp32, weights only recomputed | 9,000 |")
     assert "| 120.0 |" in lines[5] and "| 90.0 |" in lines[3]  # not the newest of one key
     assert lines[6].startswith("| fp32 | 99,000 | out of memory |")
+    assert lines[7].startswith("| fp32, weights only recomputed | 99,000 | out of memory |")
 
 
 def test_a_run_resumes_where_the_last_one_stopped(tmp_path):
     out = tmp_path / "scaling.json"
     arguments = ["run", "--device", "cpu", "--model", "tiny", "--policies", "fp32",
                  "--sizes", "4", "8", "--unchunked-up-to", "4", "--also-chunks", "50",
-                 "--also-whole-chunks", "--out", str(out)]
+                 "--also-weights-only", "--out", str(out)]
     scaling.main(arguments + ["--max-wall-s", "0"])  # one row, then out of time
     first = json.loads(out.read_text())["rows"]
     assert [(r["n_atoms"], r["edge_chunk_size"]) for r in first] == [(12, "auto")]
     scaling.main(arguments)
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["n_atoms"], r["edge_chunk_size"], r["whole_chunks"]) for r in rows] == [
+    assert [(r["n_atoms"], r["edge_chunk_size"], r["weights_only"]) for r in rows] == [
         (12, "auto", False), (12, None, False), (24, "auto", False), (24, 50, False),
         (24, "auto", True)]
     assert rows[3]["chunk_edges"] == 50 and rows[2]["chunk_edges"] is None

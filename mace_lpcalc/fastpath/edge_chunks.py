@@ -1,10 +1,9 @@
 """Edge-chunked convolutions: a step's memory no longer grows with edges × convolution weights.
 
 In each MACE interaction the radial MLP turns every edge's radial features into that
-edge's tensor-product weights (1 280 floats an edge in MACE-OFF24(M)'s second
-interaction), and the backward pass keeps them twice: for the product with the cutoff and
-for the convolution. With ~90 edges an atom in water, that is most of the ~1.45 MB an atom
-of peak memory measured at fp32 (bench/results/h100_largest_water_box_*.json).
+edge's tensor-product weights (1 280 floats an edge in MACE-OFF24(M)'s second interaction),
+which the backward pass keeps twice (for the product with the cutoff and for the
+convolution): most of the ~1.45 MB an atom of peak memory of water at fp32.
 
 :func:`defer_convolution_weights` changes each interaction of a block class whose forward
 hands ``conv_tp_weights``' output, times the cutoff, to ``conv_tp`` and nowhere else
@@ -15,10 +14,9 @@ hands ``conv_tp_weights``' output, times the cutoff, to ``conv_tp`` and nowhere 
   cutoff factor itself;
 * ``conv_tp`` becomes :class:`ChunkedConvolution`: it computes the weights (MLP, times the
   factor, as the block would) and the convolution, in chunks of edges within
-  :func:`convolution_chunks`, keeping for the backward pass only what it cannot recompute:
-  around cuEquivariance's fused kernel, which saves only its inputs, just the weights are
-  recomputed (:class:`_RecomputedWeights`); elsewhere the whole chunk
-  (:class:`_RecomputedChunk`).
+  :func:`convolution_chunks`, keeping for the backward pass only each chunk's inputs and
+  recomputing the chunk (:class:`_RecomputedChunk`); around cuEquivariance's fused kernel
+  it can recompute just the weights instead (:class:`_RecomputedWeights`, off by default).
 
 Outside :func:`convolution_chunks` the pair computes what mace's block computes, in one
 piece and with the same operations. Chunks change only the order in which messages are
@@ -110,8 +108,11 @@ class ChunkedConvolution(torch.nn.Module):
     those ones themselves where the block has no cutoff.
     """
 
-    #: False: whole chunks everywhere (benchmarks time both ways in one run).
-    weights_only_where_fused = True
+    #: Around the fused kernel, recompute only the weights: right on the GPU, 372 against 430
+    #: ms a step at 41 472 atoms on an H100, but 20.1 GiB against 7.6, and out of memory at
+    #: 206 763 atoms where whole chunks take 38 GiB (h100_weights_only_recompute.json): off
+    #: until what it keeps is found.
+    weights_only_where_fused = False
 
     def __init__(self, convolution: torch.nn.Module, partner: DeferredRadialWeights):
         super().__init__()
@@ -119,9 +120,8 @@ class ChunkedConvolution(torch.nn.Module):
         # Not a submodule (its parameters belong to the block's conv_tp_weights); deepcopy
         # maps it to the copied partner.
         object.__setattr__(self, "partner", partner)
-        #: How the backward pass gets a chunk back: the fused cuEquivariance kernel saves
-        #: only its inputs, so only its weights are recomputed (:class:`_RecomputedWeights`);
-        #: other convolutions save per-edge intermediates, so whole chunks are.
+        #: How the backward pass gets a chunk back: the fused kernel saves only its inputs,
+        #: so its weights alone can be (other convolutions save per-edge intermediates).
         self.recompute_weights_only = (self.weights_only_where_fused
                                        and hasattr(convolution, compat.CUEQ_FUSION_MARKER))
 

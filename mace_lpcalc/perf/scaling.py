@@ -12,8 +12,8 @@ of ASE Langevin steps (median of synchronised blocks, after a warm-up block). Up
 ``--unchunked-up-to`` molecules it also times the same box with ``edge_chunk_size=None``
 in the same process, so the cost and saving of chunking are ratios from one run; above it,
 ``--also-chunks N`` times the box in chunks of N edges too (to compare chunk sizes), and
-``--also-whole-chunks`` times it with whole chunks recomputed in the backward pass, as
-before only the fused kernel's weights were (to compare the two). Sizes
+``--also-weights-only`` times it recomputing only the fused kernel's weights in the backward
+pass instead of whole chunks (to compare the two). Sizes
 grow until one does not fit (the rest of that policy is skipped). The JSON is rewritten
 after every row; run again with the same ``--out`` and it measures only the rows missing
 (or measured under another ``auto`` rule: each row records the rule it ran under), so a
@@ -38,9 +38,9 @@ TABLE_COLUMNS = (("atoms", "n_atoms", "{:,}"), ("edges", "n_edges", "{:,}"),
 
 
 def measure(policy: str, n_molecules: int, *, model_spec: str, device: str,
-            edge_chunk_size, whole_chunks: bool = False) -> dict:
+            edge_chunk_size, weights_only: bool = False) -> dict:
     """One row: a fresh calculator's Langevin steps on a fresh box (raises on OOM);
-    ``whole_chunks`` recomputes whole chunks even around the fused kernel."""
+    ``weights_only`` recomputes only the weights around the fused kernel."""
     from unittest import mock
 
     import numpy as np
@@ -66,7 +66,7 @@ def measure(policy: str, n_molecules: int, *, model_spec: str, device: str,
                         rng=np.random.default_rng(0))
     block = 20 if n_atoms < 20_000 else 4  # steps per sample: rebuilds are part of them
     # Convolutions are chunked (and choose how to recompute) at their first chunked call.
-    with mock.patch.object(ChunkedConvolution, "weights_only_where_fused", not whole_chunks):
+    with mock.patch.object(ChunkedConvolution, "weights_only_where_fused", weights_only):
         step_ms = median_ms(lambda: dynamics.run(block), device, warmup=1,
                             repeats=5 if n_atoms < 20_000 else 3) / block
     engine = calc.engine
@@ -75,7 +75,7 @@ def measure(policy: str, n_molecules: int, *, model_spec: str, device: str,
     peak_mb = peak_memory_mb(device)
     row = {"policy": policy, "edge_chunk_size": edge_chunk_size, "n_atoms": n_atoms,
            "n_edges": engine.n_edges, "edge_capacity": engine.edge_capacity,
-           "chunk_edges": engine.edge_chunking.last_chunk_edges, "whole_chunks": whole_chunks,
+           "chunk_edges": engine.edge_chunking.last_chunk_edges, "weights_only": weights_only,
            "recomputes": (None if engine.edge_chunking.last_chunk_edges is None
                           else "weights" if all(chunked) else "whole chunks"),
            "md_step_ms": step_ms, "steps_per_sample": block,
@@ -116,16 +116,16 @@ def run(args) -> dict:
         for n_molecules in sorted(args.sizes):
             same_rule = [r for r in result["rows"] if r["policy"] == policy
                          and r.get("auto_rule") == AUTO_RULE and r["n_atoms"] <= 3 * n_molecules]
-            if any(not r["fits"] and r["edge_chunk_size"] == "auto" and not r.get("whole_chunks")
+            if any(not r["fits"] and r["edge_chunk_size"] == "auto" and not r.get("weights_only")
                    for r in same_rule):
                 break  # this box or a smaller one of this policy did not fit
             mine = [r for r in same_rule if r["n_atoms"] == 3 * n_molecules]
             unchunked = n_molecules <= args.unchunked_up_to
             variants = [("auto", False)] + ([(None, False)] if unchunked else [
                 *((size, False) for size in args.also_chunks),
-                *((("auto", True),) if args.also_whole_chunks else ())])
-            for setting, whole in variants:
-                if any((r["edge_chunk_size"], r.get("whole_chunks", False)) == (setting, whole)
+                *((("auto", True),) if args.also_weights_only else ())])
+            for setting, weights_only in variants:
+                if any((r["edge_chunk_size"], r.get("weights_only", False)) == (setting, weights_only)
                        for r in mine):
                     continue
                 if measured and time.monotonic() - began > args.max_wall_s:
@@ -134,16 +134,16 @@ def run(args) -> dict:
                 try:
                     row = measure(policy, n_molecules, model_spec=args.model,
                                   device=args.device, edge_chunk_size=setting,
-                                  whole_chunks=whole)
+                                  weights_only=weights_only)
                 except torch.cuda.OutOfMemoryError as err:
-                    row = {"policy": policy, "edge_chunk_size": setting, "whole_chunks": whole,
+                    row = {"policy": policy, "edge_chunk_size": setting, "weights_only": weights_only,
                            "n_atoms": 3 * n_molecules, "fits": False, "auto_rule": AUTO_RULE,
                            "error": str(err).splitlines()[0][:200]}
                 print(json.dumps(row), flush=True)
                 result["rows"].append(row)
                 if args.out:
                     write_json(args.out, result)
-                if not row["fits"] and (setting, whole) == ("auto", False):
+                if not row["fits"] and (setting, weights_only) == ("auto", False):
                     break
     return result
 
@@ -153,7 +153,7 @@ def markdown_table(result: dict) -> str:
     an unchunked twin of the same box adds its ms/step and peak as ratios; a box timed in
     chunks of a set size has a row of its own. Where a box was measured again (under a
     newer ``auto`` rule), the newest row counts."""
-    newest = {(r["policy"], r["n_atoms"], r["edge_chunk_size"], r.get("whole_chunks", False)): r
+    newest = {(r["policy"], r["n_atoms"], r["edge_chunk_size"], r.get("weights_only", False)): r
               for r in result["rows"]}
     rows = [row for row in newest.values() if row.get("fits")]
     lines = ["| policy | " + " | ".join(heading for heading, _, _ in TABLE_COLUMNS)
@@ -167,21 +167,23 @@ def markdown_table(result: dict) -> str:
         ratio = "" if twin is None else " / ".join(
             "—" if twin.get(key) is None else f"{twin[key] / row[key]:.2f}"
             for key in ("md_step_ms", "peak_memory_GB"))
-        label = row["policy"] + ("" if row["edge_chunk_size"] == "auto"
-                                 else f", chunks set to {row['edge_chunk_size']:,}") + (
-            ", whole chunks recomputed" if row.get("whole_chunks") else "")
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")
-    misses = [r for r in newest.values() if not r.get("fits") and r["edge_chunk_size"] == "auto"
-              and not r.get("whole_chunks")]
+        lines.append(f"| {_label(row)} | " + " | ".join(cells) + f" | {ratio} |")
+    misses = [r for r in newest.values() if not r.get("fits") and r["edge_chunk_size"] == "auto"]
     for row in misses:
-        lines.append(f"| {row['policy']} | {row['n_atoms']:,} | out of memory |"
+        lines.append(f"| {_label(row)} | {row['n_atoms']:,} | out of memory |"
                      + " |" * len(TABLE_COLUMNS))
     return "\n".join(lines)
 
 
+def _label(row: dict) -> str:
+    return row["policy"] + ("" if row["edge_chunk_size"] == "auto"
+                            else f", chunks set to {row['edge_chunk_size']:,}") + (
+        ", weights only recomputed" if row.get("weights_only") else "")
+
+
 def plot(result: dict, path: Path) -> None:
     """ms per step and peak memory against atoms, log-log, per policy (hollow squares:
-    unchunked; triangles: chunks of a set size; diamonds: whole chunks recomputed)."""
+    unchunked; triangles: chunks of a set size; diamonds: only weights recomputed)."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(10, 4))
@@ -191,17 +193,17 @@ def plot(result: dict, path: Path) -> None:
         colour = f"C{index}"
         set_sizes = sorted({r["edge_chunk_size"] for r in rows if r["policy"] == policy
                             and isinstance(r["edge_chunk_size"], int)})
-        for setting, whole, style in (
+        for setting, weights_only, style in (
                 ("auto", False, dict(marker="o", linestyle="-")),
                 ("auto", True, dict(marker="D", linestyle="--")),
                 (None, False, dict(marker="s", linestyle="none", fillstyle="none")),
                 *((size, False, dict(marker="^", linestyle=":")) for size in set_sizes)):
             mine = sorted((r for r in rows if r["policy"] == policy
                            and r["edge_chunk_size"] == setting
-                           and r.get("whole_chunks", False) == whole), key=lambda r: r["n_atoms"])
+                           and r.get("weights_only", False) == weights_only), key=lambda r: r["n_atoms"])
             if not mine:
                 continue
-            label = policy + (" (whole chunks recomputed)" if whole else "" if setting == "auto"
+            label = policy + (" (weights only recomputed)" if weights_only else "" if setting == "auto"
                               else " (unchunked)" if setting is None
                               else f" (chunks of {setting:,})")
             atoms = [r["n_atoms"] for r in mine]
@@ -238,8 +240,9 @@ def main(argv=None) -> None:
                         help="also time boxes up to this many molecules unchunked")
     runner.add_argument("--also-chunks", type=int, nargs="*", default=[],
                         help="also time the larger boxes in chunks of these many edges")
-    runner.add_argument("--also-whole-chunks", action="store_true",
-                        help="also time the chunked boxes recomputing whole chunks")
+    runner.add_argument("--also-weights-only", action="store_true",
+                        help="also time the chunked boxes recomputing only the fused "
+                             "kernel's weights")
     runner.add_argument("--out", type=Path,
                         help="JSON results; rows already in it are kept, not measured again")
     runner.add_argument("--max-wall-s", type=float, default=float("inf"),
