@@ -8,6 +8,7 @@ as what autograd keeps for the backward pass, which chunking exists to cut. The 
 """
 
 import copy
+import gc
 import warnings
 import weakref
 
@@ -354,6 +355,35 @@ def test_cuda_fused_convolution_chunked_in_a_graph_matches_unchunked(policy, ato
     assert abs(results[2000][0] - results[None][0]) < 1e-4 * len(atoms)
     np.testing.assert_allclose(results[2000][1], results[None][1], rtol=0, atol=atol)
     np.testing.assert_allclose(results[2000][2], results[None][2], rtol=0, atol=atol / 100)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.xfail(strict=True, reason="measured on an H100: recomputing only the fused "
+                   "kernel's weights kept 20.1 GiB against 7.6 for whole chunks at 41 472 "
+                   "atoms (bench/results/h100_weights_only_recompute.json); not yet found why")
+def test_cuda_recomputing_only_the_weights_keeps_no_more_than_whole_chunks(monkeypatch):
+    """Peak memory of a fresh calculator's first chunked calls (warm-up and CUDA graph
+    capture included, as the scaling benchmark counts it), each way; a strict xfail until
+    the weights-only recipe keeps at most what whole chunks keep."""
+    atoms = water_box(512, seed=4)
+    peaks = {}
+    for weights_only in (False, True):
+        monkeypatch.setattr(ChunkedConvolution, "weights_only_where_fused", weights_only)
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+        calc = LowPrecisionMACECalculator(
+            models=build_architecture("plain-first", (1, 8), r_max=5.0, size="off24m",
+                                      dtype=torch.float32),
+            device="cuda", policy="fp32", compile_model=False, edge_chunk_size=4000)
+        for shift in (0.0, 0.001):
+            atoms.positions[0] += shift
+            calc.get_forces(atoms.copy())
+        assert calc.engine.edge_chunking.last_chunk_edges == 4000
+        peaks[weights_only] = torch.cuda.max_memory_allocated() - baseline
+        del calc
+    assert peaks[True] <= 1.05 * peaks[False], peaks
 
 
 def test_a_compiled_engine_runs_its_chunked_calls_uncompiled():
