@@ -1,7 +1,7 @@
 """ASE's isotropic MTK barostat with less Python per step, for batched replicas.
 
 Batched replicas share one model call per step, so what remains per replica is the
-integrator's Python: ASE's ``IsotropicMTKNPT`` spends ~0.5 ms a step on 648 atoms
+integrator's Python: ASE's ``IsotropicMTKNPT`` spends ~0.6 ms a step on 648 atoms
 (bench/results/cpu_replica_python_648.json), most of it advancing its Nosé–Hoover chains
 one numpy scalar at a time, rebuilding the kinetic stress from the atoms, and setting
 positions, momenta and cell on the atoms before each of its four property reads.

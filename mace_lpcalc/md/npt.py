@@ -31,6 +31,7 @@ import dataclasses
 
 import numpy as np
 from ase import Atoms, units
+
 from mace_lpcalc.compat import mtk_state, set_mtk_state
 from mace_lpcalc.md.base import (MDProtocol, MDSettings, periodic_cell_required,
                                         setting, timestep)
