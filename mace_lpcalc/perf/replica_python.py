@@ -97,8 +97,8 @@ def main(argv=None) -> None:
     parser.add_argument("--extra-steps", type=int, default=200)
     parser.add_argument("--model", help="a real calculator on this model instead of the "
                                         "stand-in: the model call is timed too")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--policy", default="fp32")
+    parser.add_argument("--device", default="cpu", help="with --model")
+    parser.add_argument("--policy", default="fp32", help="with --model")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     model = (dict(model=args.model, device=args.device, policy=args.policy)
@@ -119,7 +119,7 @@ def main(argv=None) -> None:
                             "Python per batched replica step, model call left out"),
               "structure": args.structure, "steps": [args.steps, args.extra_steps],
               "calculator": model or "stand-in answering zeros at once",
-              **measurement_provenance(args.device), "rows": rows}
+              **measurement_provenance(model["device"] if model else "cpu"), "rows": rows}
     if args.out:
         write_json(args.out, result)
 
