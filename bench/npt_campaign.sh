@@ -13,7 +13,8 @@
 # not started), for a job slot of known length. PARALLEL=1 runs the policies at once, as
 # separate processes sharing the GPU: while one process runs its integrators in Python,
 # the GPU computes for another (each gets an equal share of the CPU threads).
-# ENSEMBLES="nve npt" runs the NVE drift runs first. COMPARE=0 skips the comparison (e.g.
+# ENSEMBLES="nve npt" runs the NVE drift runs first. POLICY_STEPS="POLICY=N ..." stops
+# those policies at N steps (e.g. one already decided), leaving the GPU to the others. COMPARE=0 skips the comparison (e.g.
 # where pymbar is missing); POLICIES, STRUCTURE, MODEL and DEVICE override the defaults.
 # Where the machine does not outlive the slot: STATE_IN=DIR first restores the runs a
 # previous slot packed there (python -m mace_lpcalc.campaign.state), STATE_OUT=DIR packs
@@ -53,10 +54,15 @@ run() {
     || { echo "$stem: failed, see $stem.log" >&2; tail -3 "$stem.log" >&2; return 1; }
 }
 
+declare -A policy_steps=()
+for cap in ${POLICY_STEPS:-}; do policy_steps[${cap%%=*}]=${cap#*=}; done
+
 # every PROTOCOL SETTINGS STEPS: run it for each policy, one after the other or at once.
 every() {
-  local protocol=$1 settings=$2 steps=$3 pids=() policy failed=0
+  local protocol=$1 settings=$2 all_steps=$3 pids=() policy failed=0 steps
   for policy in $policies; do
+    steps=${policy_steps[$policy]:-$all_steps}
+    [ "$steps" -le "$all_steps" ] || steps=$all_steps
     if [ "${PARALLEL:-0}" = 1 ]; then
       run "$protocol" "$settings" "$steps" "$out/$protocol/${protocol}_$policy" "$policy" &
       pids+=($!)
@@ -66,7 +72,7 @@ every() {
     fi
   done
   for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
-  echo "$(date -u +%T) $protocol: up to $steps steps x $replicas replicas" >&2
+  echo "$(date -u +%T) $protocol: up to $all_steps steps x $replicas replicas" >&2
   return $failed
 }
 
