@@ -14,6 +14,7 @@ It also fixes the import order the other modules rely on: mace before e3nn.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import warnings
 from importlib import metadata
@@ -103,6 +104,13 @@ WEIGHTS_TO_CONVOLUTION_BLOCKS = (
     "RealAgnosticInteractionBlock", "RealAgnosticResidualInteractionBlock",
     "RealAgnosticDensityInteractionBlock", "RealAgnosticDensityResidualInteractionBlock",
     "RealAgnosticAttResidualInteractionBlock", "RealAgnosticResidualNonLinearInteractionBlock")
+#: The pure-Python group theory behind a cuEquivariance symmetric contraction, as (module,
+#: function) looked up at each call: its descriptor (cuEquivariance's, run by a cuEquivariance
+#: model's constructor) and the projection from e3nn's weights (mace's, run by its converter).
+SYMMETRIC_CONTRACTION_DESCRIPTORS = (
+    ("cuequivariance.group_theory.experimental.mace.symmetric_contractions",
+     "_symmetric_contraction_cached"),
+    ("mace.tools.cg_cueq_tools", "symmetric_contraction_cached"))
 #: ASE's IsotropicMTKNPT state: (owner path, attribute) pairs, owner "" = the dynamics.
 MTK_STATE = (("", "_cell0"), ("", "_volume0"), ("", "_eps"), ("", "_p_eps"),
              ("_thermostat", "_eta"), ("_thermostat", "_p_eta"),
@@ -243,6 +251,9 @@ SHIMS = {
     "mace MACECalculator._atoms_to_batch": lambda: callable(MACECalculator._atoms_to_batch),
     "cuequivariance kernel dtype fields": _resolves_cueq_kernel_fields,
     "mace blocks: conv_tp_weights reach only conv_tp": weights_reach_only_the_convolution,
+    "cuequivariance/mace symmetric-contraction descriptors": lambda: all(
+        callable(getattr(importlib.import_module(module), name))
+        for module, name in SYMMETRIC_CONTRACTION_DESCRIPTORS),
     "ase IsotropicMTKNPT state": _resolves_mtk_state,
     "ase IsotropicMTKNPT.step sequence (the lean MTK integrator)": _mtk_step_unchanged,
 }

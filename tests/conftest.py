@@ -12,6 +12,15 @@ from mace_lpcalc.systems import water_box
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cache_root(tmp_path_factory):
+    """The package's on-disk caches (and the child processes' the tests start) go to a
+    directory of the test session's, not the user's home."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MACE_LPCALC_CACHE_DIR", str(tmp_path_factory.mktemp("cache_root")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_model_factory():
     """Fresh copies of one seeded tiny model (H, C, O), float64."""

@@ -1,19 +1,24 @@
 """What makes a second run start at full speed: on-disk caches, capacities a later run
 meets again, and code generated in a child process and loaded from the cache."""
 
+import functools
+import importlib
 import logging
 
 import mace  # noqa: F401  -- before e3nn
+import cuequivariance as cue
+import numpy as np
 import pytest
 import torch
 from ase.calculators.calculator import CalculatorSetupError
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from mace_lpcalc.calculator import LowPrecisionMACECalculator
-from mace_lpcalc.compat import inductor_cache_hits
+from mace_lpcalc.compat import SYMMETRIC_CONTRACTION_DESCRIPTORS, inductor_cache_hits
 from mace_lpcalc.fastpath import disk_caches
 from mace_lpcalc.fastpath.compiled import compile_graph
 from mace_lpcalc.fastpath.edge_buffers import EdgeBuffers, ladder_rung
+from mace_lpcalc.installed import models_on_backend
 from mace_lpcalc.fastpath.inductor_child import (cache_key_settings, compile_in_child_process,
                                                 compile_marker, mark_compiled)
 from mace_lpcalc.md.nve import NVESettings
@@ -27,6 +32,18 @@ def clean_cache_variables(monkeypatch, tmp_path):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def descriptor_functions(monkeypatch):
+    """The descriptor functions as (module, name); whatever a test installs in their place
+    is undone after it."""
+    functions = []
+    for module_name, name in SYMMETRIC_CONTRACTION_DESCRIPTORS:
+        module = importlib.import_module(module_name)
+        monkeypatch.setattr(module, name, getattr(module, name))
+        functions.append((module, name))
+    return functions
 
 
 @pytest.fixture
@@ -49,10 +66,14 @@ def test_gpu_caches_go_under_one_versioned_directory_per_gpu(clean_cache_variabl
     directories = disk_caches.use_disk_caches("cuda")
     expected = (disk_caches.cache_root() / "NVIDIA-H200-sm90"
                 / f"torch-{torch.__version__}_cueq-{disk_caches._cuequivariance_ops_version()}")
+    descriptors = disk_caches.cache_root() / "descriptors" / (
+        f"cue-{cue.__version__}_mace-{mace.__version__}")
     assert directories == {"TORCHINDUCTOR_CACHE_DIR": str(expected / "inductor"),
                            "CUEQUIVARIANCE_OPS_NVRTC_CACHE_DIR":
-                               str(expected / "cuequivariance_nvrtc")}
-    assert all(disk_caches.Path(path).is_dir() for path in directories.values())
+                               str(expected / "cuequivariance_nvrtc"),
+                           "descriptors": str(descriptors)}
+    assert all(disk_caches.Path(directories[variable]).is_dir()
+               for variable in disk_caches.LIBRARY_CACHE_VARIABLES)
 
 
 def test_a_cache_directory_the_user_chose_is_kept(clean_cache_variables, fake_gpu, monkeypatch):
@@ -63,8 +84,73 @@ def test_a_cache_directory_the_user_chose_is_kept(clean_cache_variables, fake_gp
 
 
 def test_nothing_is_set_for_the_cpu(clean_cache_variables):
-    assert disk_caches.use_disk_caches("cpu") == {}
+    """Only the descriptors' directory is named, and made only when one is computed."""
+    assert set(disk_caches.use_disk_caches("cpu")) == {"descriptors"}
     assert not (clean_cache_variables / "home").exists()
+
+
+def _counted(function, calls: list):
+    @functools.wraps(function)
+    def counting(*args):
+        calls.append(args)
+        return function(*args)
+    return counting
+
+
+def _same_descriptor(first, second) -> bool:
+    polynomial, projection = first
+    return polynomial == second[0] and np.array_equal(projection, second[1])
+
+
+def test_symmetric_contraction_descriptors_are_read_back_equal_in_a_later_process(
+        clean_cache_variables, descriptor_functions):
+    """Each function's result is written once, then served from the file, unchanged, to a
+    process that has none in memory; a truncated file is recomputed and replaced."""
+    irreps = (cue.Irreps("O3", "4x0e+4x1o+4x2e"), cue.Irreps("O3", "4x0e+4x1o"), (1, 2, 3))
+    directory = disk_caches.use_descriptor_cache()
+    computed = [getattr(module, name)(*irreps) for module, name in descriptor_functions]
+    files = sorted(directory.glob("*.pkl"))
+    assert [path.name.split("-")[0] for path in files] == sorted(
+        f"{module.__name__}.{name}" for module, name in descriptor_functions)
+
+    originals = [getattr(module, name).function for module, name in descriptor_functions]
+    calls = []
+    later = [disk_caches.DescriptorsOnDisk(_counted(function, calls), directory)
+             for function in originals]
+    assert all(_same_descriptor(fresh, served(*irreps))
+               for fresh, served in zip(computed, later)) and calls == []
+
+    files[0].write_bytes(files[0].read_bytes()[:100])
+    again = [disk_caches.DescriptorsOnDisk(_counted(function, calls), directory)
+             for function in originals]
+    assert all(_same_descriptor(fresh, served(*irreps))
+               for fresh, served in zip(computed, again)) and len(calls) == 1
+    later_still = disk_caches.DescriptorsOnDisk(_counted(originals[0], calls), directory)
+    assert _same_descriptor(later_still(*irreps), computed[0]) and len(calls) == 1
+
+
+def test_inputs_that_print_alike_are_kept_apart(clean_cache_variables, descriptor_functions):
+    """The key names the irreps' group, not only how they print; other inputs pass through."""
+    module, name = descriptor_functions[0]
+    directory = disk_caches.use_descriptor_cache()
+    for group in ("O3", "SO3"):
+        getattr(module, name)(cue.Irreps(group, "2x0e+2x1o" if group == "O3" else "2x0+2x1"),
+                              cue.Irreps(group, "2x0e" if group == "O3" else "2x0"), (1, 2))
+    assert len(list(directory.glob("*.pkl"))) == 2
+    assert disk_caches._input_key((cue.Irreps("O3", "2x0e"), (1, 2))) != disk_caches._input_key(
+        (cue.Irreps("O3", "2x0e"), (1, 2, 3)))
+    assert disk_caches._input_key((cue.Irreps("O3", "2x0e"), [1, 2])) is None
+
+
+def test_converting_a_model_to_cuequivariance_fills_the_descriptor_cache(
+        clean_cache_variables, descriptor_functions):
+    """Both functions are reached through the installed names: by the cuEquivariance
+    model's constructor and by mace's converter."""
+    directory = disk_caches.use_descriptor_cache()
+    models_on_backend([build_tiny_model()], "cuequivariance", dtype=torch.float64,
+                      device_type="cpu", auto=False)
+    assert {path.name.split("-")[0] for path in directory.glob("*.pkl")} == {
+        f"{module.__name__}.{name}" for module, name in descriptor_functions}
 
 
 @pytest.mark.parametrize("count", [1, 63, 64, 65, 5000, 123_457, 4_700_000])
@@ -116,7 +202,7 @@ def test_a_failing_child_process_is_reported_not_raised(monkeypatch, tmp_path, c
 def test_compilation_is_automatic_on_cuda_only_and_named_values_only():
     calc = LowPrecisionMACECalculator(models=build_tiny_model((1, 8)), device="cpu")
     assert calc.parameters["compile_model"] is False
-    assert calc.parameters["compile_caches"] == {}
+    assert set(calc.parameters["compile_caches"]) == {"descriptors"}
     with pytest.raises(CalculatorSetupError, match="compile_model must be 'auto', True or False"):
         LowPrecisionMACECalculator(models=build_tiny_model((1, 8)), compile_model="yes")
 
@@ -181,3 +267,9 @@ def test_an_unwritable_cache_root_warns_and_leaves_the_defaults(clean_cache_vari
     with pytest.warns(RuntimeWarning, match="no compile cache in"):
         directories = disk_caches.use_disk_caches("cuda")
     assert "CUEQUIVARIANCE_OPS_NVRTC_CACHE_DIR" not in directories
+    module, name = SYMMETRIC_CONTRACTION_DESCRIPTORS[0]
+    descriptor = getattr(importlib.import_module(module), name)
+    irreps = (cue.Irreps("O3", "2x0e+2x1o"), cue.Irreps("O3", "2x0e"), (1, 2))
+    with pytest.warns(RuntimeWarning, match="no descriptor cache in"):
+        computed = descriptor(*irreps)
+    assert _same_descriptor(descriptor(*irreps), computed)  # from memory, and no second warning
