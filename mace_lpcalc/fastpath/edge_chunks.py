@@ -109,9 +109,8 @@ class ChunkedConvolution(torch.nn.Module):
     """
 
     #: Around the fused kernel, recompute only the weights: right on the GPU, 372 against 430
-    #: ms a step at 41 472 atoms on an H100, but 20.1 GiB against 7.6, and out of memory at
-    #: 206 763 atoms where whole chunks take 38 GiB (h100_weights_only_recompute.json): off
-    #: until what it keeps is found.
+    #: ms a step at 41 472 atoms on an H100, but 20.1 GiB against 7.6 (a leak in _recompute,
+    #: since fixed: h100_weights_only_recompute.json, README): off until a GPU confirms.
     weights_only_where_fused = False
 
     def __init__(self, convolution: torch.nn.Module, partner: DeferredRadialWeights):
@@ -290,8 +289,8 @@ class _RecomputedWeights:
     def _recompute(self, attached: bool):
         saved = []
 
-        def collect(tensor):
-            saved.append(tensor)
+        def collect(tensor):  # detached as in torch.utils.checkpoint: see test_edge_chunks.py
+            saved.append(tensor.detach())
             return tensor
 
         inputs = self.inputs if attached else [
