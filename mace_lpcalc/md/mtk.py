@@ -12,7 +12,8 @@ other), and differs only in how it computes them:
 * the chains advance as Python floats, and the particle thermostat rescales the momenta
   once per half step, tracking their kinetic energy through the rescalings instead of
   summing it again after each;
-* the ideal-gas part of the pressure, ``Σ p²/m / 3V``, comes from the momenta it holds;
+* the ideal-gas part of the pressure, ``Σ p²/m / 3V``, comes from the momenta it holds,
+  summed twice a step (the thermostat's rescaling carries it forward);
 * the atoms are updated three times a step (at its start, before the force call and at
   its end), not before each of four property reads.
 
@@ -84,17 +85,18 @@ class LeanIsotropicMTKNPT(IsotropicMTKNPT):
         dt2 = self.dt / 2
         self._update_atoms()  # the state, not whatever was done to the atoms since, is the truth
         self._advance_barostat_chain(dt2)
-        self._advance_thermostat_chain(dt2)
+        twice_kinetic = self._advance_thermostat_chain(dt2, self._twice_kinetic())
         forces, virial_pressure = self._forces_and_virial_pressure()
-        self._kick_cell(dt2, virial_pressure)
+        self._kick_cell(dt2, virial_pressure, twice_kinetic)
         self._kick_atoms(dt2, forces)
         self._integrate_q(self.dt)
         self._integrate_q_cell(self.dt)
         self._update_atoms()
         forces, virial_pressure = self._forces_and_virial_pressure()
         self._kick_atoms(dt2, forces)
-        self._kick_cell(dt2, virial_pressure)
-        self._advance_thermostat_chain(dt2)
+        twice_kinetic = self._twice_kinetic()
+        self._kick_cell(dt2, virial_pressure, twice_kinetic)
+        self._advance_thermostat_chain(dt2, twice_kinetic)
         self._advance_barostat_chain(dt2)
         self._update_atoms()
 
@@ -106,13 +108,16 @@ class LeanIsotropicMTKNPT(IsotropicMTKNPT):
     def _twice_kinetic(self) -> float:
         return float(np.sum(self._p**2 / self.masses))
 
-    def _advance_thermostat_chain(self, delta: float) -> None:
+    def _advance_thermostat_chain(self, delta: float, twice_kinetic: float) -> float:
+        """Advance the particle thermostat, given ``Σ p²/m`` of the momenta now; return it
+        for the rescaled momenta."""
         chain = self._thermostat
         p_eta, eta = chain._p_eta.tolist(), chain._eta.tolist()
-        scale = advance_chain(p_eta, eta, chain._Q.tolist(), chain._kT, self._twice_kinetic(),
+        scale = advance_chain(p_eta, eta, chain._Q.tolist(), chain._kT, twice_kinetic,
                               3 * self._num_atoms_global * chain._kT, delta, chain._tloop)
         chain._p_eta[:], chain._eta[:] = p_eta, eta
         self._p *= scale
+        return twice_kinetic * scale * scale
 
     def _advance_barostat_chain(self, delta: float) -> None:
         chain = self._barostat
@@ -122,10 +127,10 @@ class LeanIsotropicMTKNPT(IsotropicMTKNPT):
         chain._p_xi[:], chain._xi[:] = p_xi, xi
         self._p_eps *= scale
 
-    def _kick_cell(self, delta: float, virial_pressure: float) -> None:
-        """exp(i L_(ε,2) δ): the cell momentum from the pressure excess, ideal gas included."""
+    def _kick_cell(self, delta: float, virial_pressure: float, twice_kinetic: float) -> None:
+        """exp(i L_(ε,2) δ): the cell momentum from the pressure excess, ideal gas (from
+        ``twice_kinetic``, Σ p²/m) included."""
         volume = self._get_volume()
-        twice_kinetic = self._twice_kinetic()
         self._p_eps += delta * (3 * volume * (virial_pressure - self._pressure_au)
                                 + twice_kinetic * (1 + 1 / self._num_atoms_global))
 
