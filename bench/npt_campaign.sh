@@ -14,8 +14,9 @@
 # separate processes sharing the GPU: while one process runs its integrators in Python,
 # the GPU computes for another (each gets an equal share of the CPU threads).
 # ENSEMBLES="nve npt" runs the NVE drift runs first. POLICY_STEPS="POLICY=N ..." stops
-# those policies at N steps (e.g. one already decided), leaving the GPU to the others. COMPARE=0 skips the comparison (e.g.
-# where pymbar is missing); POLICIES, STRUCTURE, MODEL and DEVICE override the defaults.
+# those policies at N steps (e.g. one already decided), leaving the GPU to the others.
+# COMPARE=0 skips the comparison (e.g. where pymbar is missing); POLICIES, STRUCTURE, MODEL
+# and DEVICE override the defaults.
 # Where the machine does not outlive the slot: STATE_IN=DIR first restores the runs a
 # previous slot packed there (python -m mace_lpcalc.campaign.state), STATE_OUT=DIR packs
 # them at the end into parts of 15 MiB (at most STATE_MAX_PARTS, default 4: 60 MiB),

@@ -375,7 +375,8 @@ def test_cuda_recomputing_only_the_weights_keeps_no_more_than_whole_chunks(monke
     go: storages the kernel saved that recipes keep as they are, and how many recipes held
     recomputed weights at once."""
     kept_as_is, live, most = {}, weakref.WeakSet(), [0]
-    pack, recompute = edge_chunks._RecomputedWeights._pack, edge_chunks._RecomputedWeights._recompute
+    recipe_class = edge_chunks._RecomputedWeights
+    pack, recompute = recipe_class._pack, recipe_class._recompute
 
     def counting_pack(recipe, tensor):
         packed = pack(recipe, tensor)

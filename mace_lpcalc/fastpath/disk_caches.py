@@ -19,8 +19,9 @@ it, by exact group theory in Python, in every fresh process: for an OFF24(M)-sha
 H200 machine spent constructing its first calculator under cProfile
 (``bench/results/h200_fresh_process_setup_profile_5184.txt``). Their inputs are irreps
 and degrees, so :func:`use_descriptor_cache` keeps one file per input under
-``descriptors/``, beside the compilers' caches, for every later process (0.01 s). The files are pickles, as torch's own
-compile caches are: the cache directory is trusted as the rest of the user's home is.
+``descriptors/``, beside the compilers' caches, for every later process (0.01 s). The
+files are pickles, as torch's own compile caches are: the cache directory is trusted as
+the rest of the user's home is.
 
 All go under one root, ``$MACE_LPCALC_CACHE_DIR`` or else ``mace_lpcalc`` in the user's
 cache directory (``$XDG_CACHE_HOME``, default ``~/.cache``), one directory per GPU model

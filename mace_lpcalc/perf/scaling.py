@@ -125,8 +125,8 @@ def run(args) -> dict:
                 *((size, False) for size in args.also_chunks),
                 *((("auto", True),) if args.also_weights_only else ())])
             for setting, weights_only in variants:
-                if any((r["edge_chunk_size"], r.get("weights_only", False)) == (setting, weights_only)
-                       for r in mine):
+                if any((r["edge_chunk_size"], r.get("weights_only", False))
+                       == (setting, weights_only) for r in mine):
                     continue
                 if measured and time.monotonic() - began > args.max_wall_s:
                     return result
@@ -136,8 +136,9 @@ def run(args) -> dict:
                                   device=args.device, edge_chunk_size=setting,
                                   weights_only=weights_only)
                 except torch.cuda.OutOfMemoryError as err:
-                    row = {"policy": policy, "edge_chunk_size": setting, "weights_only": weights_only,
-                           "n_atoms": 3 * n_molecules, "fits": False, "auto_rule": AUTO_RULE,
+                    row = {"policy": policy, "edge_chunk_size": setting,
+                           "weights_only": weights_only, "n_atoms": 3 * n_molecules,
+                           "fits": False, "auto_rule": AUTO_RULE,
                            "error": str(err).splitlines()[0][:200]}
                 print(json.dumps(row), flush=True)
                 result["rows"].append(row)
@@ -200,10 +201,12 @@ def plot(result: dict, path: Path) -> None:
                 *((size, False, dict(marker="^", linestyle=":")) for size in set_sizes)):
             mine = sorted((r for r in rows if r["policy"] == policy
                            and r["edge_chunk_size"] == setting
-                           and r.get("weights_only", False) == weights_only), key=lambda r: r["n_atoms"])
+                           and r.get("weights_only", False) == weights_only),
+                          key=lambda r: r["n_atoms"])
             if not mine:
                 continue
-            label = policy + (" (weights only recomputed)" if weights_only else "" if setting == "auto"
+            label = policy + (" (weights only recomputed)" if weights_only
+                              else "" if setting == "auto"
                               else " (unchunked)" if setting is None
                               else f" (chunks of {setting:,})")
             atoms = [r["n_atoms"] for r in mine]
